@@ -1,0 +1,36 @@
+"""One entry point: anything a user may name as MODEL -> ModelDescription."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgellm.errors import ModelFormatError
+from edgellm.model.catalog import resolve_model_path
+from edgellm.model.description import ModelDescription
+
+
+def load_model(spec: str | Path | None = None) -> ModelDescription:
+    """Load a GGUF file, a Hugging Face directory, or a model card id (None = the default model)."""
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            from edgellm.model.hf_loader import load_hf_directory
+
+            return load_hf_directory(path)
+        raise ModelFormatError(
+            f"{path}: directory holds neither config.json (Hugging Face) nor a GGUF file"
+        )
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        from edgellm.model.gguf_loader import load_gguf
+
+        return load_gguf(path)
+    if path.suffix.lower() == ".safetensors":
+        from edgellm.model.hf_loader import load_hf_directory
+
+        return load_hf_directory(path.parent)
+    raise ModelFormatError(f"{path}: unrecognised model format (expected .gguf or a Hugging Face directory)")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) == b"GGUF"

@@ -1,0 +1,115 @@
+"""The backend interface every target implements.
+
+A backend holds a loaded model; a Session is one sequence's state on that backend (its own KV cache)
+for a contiguous range of layers. A session whose range starts at layer 0 takes token ids; otherwise
+it takes hidden states. A range that ends at the last layer returns logits; otherwise hidden states.
+That is all the offloader, the FPGA/CPU hybrid and the generation loop need.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from edgellm.errors import ConfigError, ContextOverflowError
+from edgellm.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Layers [start, stop) of an n_layers model."""
+
+    start: int
+    stop: int
+    n_layers: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.stop <= self.n_layers:
+            raise ConfigError(
+                f"layer range [{self.start}, {self.stop}) is not inside [0, {self.n_layers}]"
+            )
+
+    @classmethod
+    def full(cls, n_layers: int) -> LayerRange:
+        return cls(0, n_layers, n_layers)
+
+    @property
+    def takes_tokens(self) -> bool:
+        return self.start == 0
+
+    @property
+    def returns_logits(self) -> bool:
+        return self.stop == self.n_layers
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class Session(ABC):
+    """One sequence on one backend: owns the KV cache of its layer range."""
+
+    def __init__(self, layers: LayerRange, max_tokens: int) -> None:
+        self.layers = layers
+        self.max_tokens = max_tokens
+        self.position = 0  # tokens already in the cache
+
+    def forward(self, inputs: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Advance by T positions.
+
+        inputs: int ids (T,) when the range starts at layer 0, else float32 hidden states (T, hidden).
+        returns: logits (T, vocab) if all_logits else (1, vocab) for the last position, when the range
+        ends at the last layer; hidden states (T, hidden) otherwise.
+        """
+        n = int(inputs.shape[0])
+        if n == 0:
+            raise ConfigError("forward() needs at least one position")
+        if self.position + n > self.max_tokens:
+            raise ContextOverflowError(
+                f"{self.position} cached + {n} new tokens exceed this session's context of {self.max_tokens}"
+            )
+        out = self._forward(inputs, all_logits)
+        self.position += n
+        return out
+
+    @abstractmethod
+    def _forward(self, inputs: np.ndarray, all_logits: bool) -> np.ndarray: ...
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget cached positions >= n_tokens (re-planning and recompute roll back this way)."""
+        if not 0 <= n_tokens <= self.position:
+            raise ConfigError(f"cannot truncate a session at {self.position} tokens to {n_tokens}")
+        self._truncate(n_tokens)
+        self.position = n_tokens
+
+    def _truncate(self, n_tokens: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back its cache")
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+
+class Backend(ABC):
+    """A loaded model on one target. Subclasses register under `name` (see registry)."""
+
+    name: ClassVar[str] = ""
+    supports_layer_ranges: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    def open_session(self, layers: LayerRange | None = None, max_tokens: int | None = None) -> Session:
+        layers = layers or LayerRange.full(self.config.n_layers)
+        if not self.supports_layer_ranges and (layers.start, layers.stop) != (0, self.config.n_layers):
+            raise ConfigError(f"backend {self.name!r} runs only the whole model, not layers {layers}")
+        max_tokens = max_tokens or self.config.context_length
+        if max_tokens > self.config.context_length:
+            raise ContextOverflowError(
+                f"requested context {max_tokens} exceeds the model's {self.config.context_length}"
+            )
+        return self._open(layers, max_tokens)
+
+    @abstractmethod
+    def _open(self, layers: LayerRange, max_tokens: int) -> Session: ...
