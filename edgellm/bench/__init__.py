@@ -1,0 +1,1 @@
+"""Measurement: perplexity and speed, edgellm beside llama.cpp through the same code."""

@@ -1,0 +1,188 @@
+"""Handlers of the `edgellm` subcommands; printing lives here, never in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import ConfigError, ModelFormatError
+
+
+def _load(args: argparse.Namespace):
+    from edgellm.model.loader import load_model
+
+    return load_model(args.model)
+
+
+def _tokenizer(model):
+    from edgellm.model.tokenizer import Tokenizer
+
+    if model.tokenizer is None:
+        raise ModelFormatError(f"{model.source}: the model carries no tokenizer")
+    return Tokenizer(model.tokenizer)
+
+
+def _read_text(path: str) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def info(args: argparse.Namespace) -> int:
+    model = _load(args)
+    cfg = model.config
+    types = Counter(t.qtype for t in model.weights.values())
+    data: dict[str, Any] = {
+        "architecture": cfg.architecture, "name": cfg.name, "source": str(model.source),
+        "file_type": model.file_type, "n_layers": cfg.n_layers, "hidden_size": cfg.hidden_size,
+        "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "ffn_size": cfg.ffn_size, "vocab_size": cfg.vocab_size, "context_length": cfg.context_length,
+        "rope_theta": cfg.rope_theta, "rope_style": cfg.rope_style, "norm_eps": cfg.norm_eps,
+        "tie_embeddings": cfg.tie_embeddings, "tensor_types": dict(types),
+        "n_tensors": len(model.weights),
+        "n_parameters": sum(int(_prod(t.shape)) for t in model.weights.values()),
+        "chat_template": bool(model.tokenizer and model.tokenizer.chat_template),
+    }
+    if args.tensors:
+        data["tensors"] = {n: {"type": t.qtype, "shape": list(t.shape)} for n, t in model.weights.items()}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key, value in data.items():
+        if key != "tensors":
+            print(f"{key:>16}: {value}")
+    for name, t in data.get("tensors", {}).items():
+        print(f"  {name:<32} {t['type']:<6} {t['shape']}")
+    return 0
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def tokenize(args: argparse.Namespace) -> int:
+    model = _load(args)
+    text = _read_text(args.text_file) if args.text_file else args.text
+    print(json.dumps(_tokenizer(model).encode(text, parse_special=args.special)))
+    return 0
+
+
+def _backend(args: argparse.Namespace, model, **options):
+    from edgellm.runtime.registry import create_backend
+
+    return create_backend(args.backend, model, threads=args.threads, **options)
+
+
+def _generation_config(args: argparse.Namespace):
+    from edgellm.runtime.generation import GenerationConfig
+    from edgellm.runtime.sampling import SamplingConfig
+
+    sampling = SamplingConfig(
+        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=tuple(args.stop),
+                            stop_at_eos=not args.ignore_eos)
+
+
+def _chat_ids(model, tok, messages) -> list[int]:
+    from edgellm.model.chat import render_chat
+
+    return tok.encode(render_chat(model.tokenizer, messages), parse_special=True)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from edgellm.runtime.generation import generate as run
+
+    model = _load(args)
+    tok = _tokenizer(model)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt_ids = _chat_ids(model, tok, [*messages, {"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode(args.prompt)
+    gen = _generation_config(args)
+    backend = _backend(args, model)
+    session = backend.open_session(max_tokens=min(model.config.context_length,
+                                                  len(prompt_ids) + gen.max_new_tokens))
+    tokens: list[int] = []
+    pieces: list[str] = []
+    finish = "length"
+    for event in run(session, tok, prompt_ids, gen):
+        tokens.append(event.token_id)
+        pieces.append(event.text)
+        finish = event.finish_reason or finish
+        if not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps({"tokens": tokens, "text": "".join(pieces), "prompt_tokens": len(prompt_ids),
+                          "finish_reason": finish, "backend": args.backend}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    from edgellm.runtime.generation import generate as run
+
+    model = _load(args)
+    tok = _tokenizer(model)
+    backend = _backend(args, model)
+    gen = _generation_config(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = _chat_ids(model, tok, messages)
+        session = backend.open_session(max_tokens=min(model.config.context_length, len(ids) + gen.max_new_tokens))
+        reply = []
+        for event in run(session, tok, ids, gen):
+            reply.append(event.text)
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def eval_ppl(args: argparse.Namespace) -> int:
+    from edgellm.bench.perplexity import perplexity
+
+    if args.text_file:
+        text, source = _read_text(args.text_file), args.text_file
+    else:
+        from edgellm.corpus import canterbury_path
+
+        path = canterbury_path(args.corpus or "alice29.txt")
+        text, source = _read_text(str(path)), str(path)
+    model = _load(args)
+    ids = _tokenizer(model).encode(text)
+    if args.max_tokens and args.max_tokens > 0:
+        ids = ids[: args.max_tokens]
+    backend = _backend(args, model, logits_all=True)
+    result = perplexity(backend, ids, window=args.window, stride=args.stride, progress=not args.json)
+    out = {**result.to_dict(), "backend": args.backend, "model": str(model.source), "text": source,
+           "n_tokens": len(ids)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {result.ppl:.4f} over {result.n_predictions} predictions "
+              f"({result.n_windows} windows of {result.window}, backend {args.backend})")
+    return 0

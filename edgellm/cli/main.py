@@ -1,0 +1,112 @@
+"""`edgellm` argument parsing and dispatch; errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from edgellm import __version__
+from edgellm.errors import EdgeLLMError
+
+MODEL_HELP = "model: a .gguf file, a Hugging Face directory, or a model id (default: smollm2-135m-instruct)"
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+
+
+def _add_backend(p: argparse.ArgumentParser, default: str = "reference") -> None:
+    from edgellm.runtime.registry import backend_names
+
+    p.add_argument("--backend", default=default, metavar="NAME",
+                   help=f"engine to run on: {', '.join(backend_names())} (default: {default})")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic)")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40, help="0 disables")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgellm", description="Run generative LLMs well on small hardware.",
+        epilog="Run 'edgellm COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="describe a model (architecture, shapes, tensor types)")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--tensors", action="store_true", help="list every tensor with type and shape")
+
+    p = sub.add_parser("tokenize", help="text -> token ids (JSON array)")
+    _add_model(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file", metavar="F", help="tokenize the whole file (read as UTF-8, as-is)")
+    src.add_argument("--text", help="tokenize this string")
+    p.add_argument("--special", action="store_true", help="parse special-token text such as <|im_start|>")
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    _add_model(p)
+    p.add_argument("-p", "--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--json", action="store_true", help="print JSON with tokens and text instead of streaming")
+    _add_sampling(p)
+    _add_backend(p)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="system message")
+    _add_sampling(p)
+    _add_backend(p)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    esub = p.add_subparsers(dest="eval_command", metavar="METRIC", required=True)
+    e = esub.add_parser("ppl", help="perplexity over fixed windows (baselines.md convention)")
+    _add_model(e)
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--text-file", metavar="F", help="text to score (read as UTF-8, line endings kept)")
+    src.add_argument("--corpus", default=None, metavar="NAME",
+                     help="a Canterbury corpus file, e.g. alice29.txt (default when no --text-file)")
+    e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (default 8192)")
+    e.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--stride", type=int, default=None, help="window step (default: = window)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    _add_backend(e)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from edgellm.cli import commands
+
+    handler = {
+        "info": commands.info, "tokenize": commands.tokenize, "generate": commands.generate,
+        "chat": commands.chat, "eval": commands.eval_ppl,
+    }[args.command]
+    try:
+        return handler(args) or 0
+    except EdgeLLMError as exc:
+        print(f"edgellm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable text file, full disk, ...
+        print(f"edgellm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
