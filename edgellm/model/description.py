@@ -44,6 +44,11 @@ class ModelDescription:
 
     def validate(self) -> None:
         """Check every tensor the architecture needs is present with the right shape."""
+        present = {n.split(".")[1] for n in self.weights if n.startswith("blk.")}
+        if self.config.n_layers > len(present):  # checked first: a corrupt count may be huge
+            raise MissingTensorError(
+                f"{self.source}: config says {self.config.n_layers} layers, tensors exist for {len(present)}"
+            )
         missing: list[str] = []
         wrong: list[str] = []
         for name, shape in expected_shapes(self.config).items():

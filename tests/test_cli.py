@@ -1,0 +1,110 @@
+"""The command-line contract of issue 2 (keys, flags, exit codes), run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_gguf import write_tiny_gguf
+
+
+def edgellm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "edgellm.cli.main", *args], capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"edgellm {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc
+
+
+def test_info_json_has_the_contract_keys():
+    data = json.loads(edgellm("info", "--json").stdout)
+    assert data["architecture"] == "llama"
+    assert (data["n_layers"], data["hidden_size"], data["n_heads"], data["n_kv_heads"]) == (30, 576, 9, 3)
+    assert (data["vocab_size"], data["context_length"]) == (49152, 8192)
+
+
+def test_tokenize_text_file_equals_the_api(tmp_path, tokenizer):
+    text = "Alice was beginning to get very tired.\r\nÜber 123 ünïcode 🤖\n"
+    f = tmp_path / "t.txt"
+    f.write_bytes(text.encode("utf-8"))
+    ids = json.loads(edgellm("tokenize", "--text-file", str(f)).stdout)
+    assert ids == tokenizer.encode(text)
+
+
+def test_generate_json_greedy_equals_the_api(reference, tokenizer):
+    from edgellm.runtime.generation import GenerationConfig, generate
+    from edgellm.runtime.sampling import SamplingConfig
+
+    out = json.loads(edgellm("generate", "-p", "The capital of France is", "-n", "12", "--greedy", "--json").stdout)
+    cfg = GenerationConfig(max_new_tokens=12, sampling=SamplingConfig(greedy=True))
+    events = list(generate(reference.open_session(max_tokens=64), tokenizer,
+                           tokenizer.encode("The capital of France is"), cfg))
+    assert out["tokens"] == [e.token_id for e in events]
+    assert out["text"] == "".join(e.text for e in events)
+
+
+def test_generate_backend_llamacpp():
+    out = json.loads(edgellm("generate", "-p", "The capital of France is", "-n", "6", "--greedy", "--json",
+                             "--backend", "llama.cpp", "--threads", "2").stdout)
+    assert "Paris" in out["text"] and len(out["tokens"]) == 6
+
+
+def test_eval_ppl_json_on_a_text_file(tmp_path, alice_text):
+    f = tmp_path / "alice.txt"
+    f.write_bytes(alice_text.encode("utf-8"))
+    for backend in ("reference", "llama.cpp"):
+        out = json.loads(edgellm("eval", "ppl", "--text-file", str(f), "--max-tokens", "256", "--window", "128",
+                                 "--json", "--backend", backend).stdout)
+        assert out["n_predictions"] == 2 * 127
+        assert 5 < out["ppl"] < 80
+
+
+def test_chat_reads_stdin():
+    proc = subprocess.run([sys.executable, "-m", "edgellm.cli.main", "chat", "--greedy", "-n", "30"],
+                          input="What is 2+2?\n", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "4" in proc.stdout
+
+
+def test_generate_on_a_tiny_gguf(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = json.loads(edgellm("generate", str(path), "-p", "ab", "-n", "5", "--greedy", "--json",
+                             "--ignore-eos").stdout)
+    assert len(out["tokens"]) == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "/no/such/model.gguf"), "no such model"),
+    (("generate", "-p", "hi", "--backend", "nope"), "valid backends: llama.cpp, reference"),
+    (("eval", "ppl", "--text-file", "/no/such.txt", "--json"), "No such file"),
+    (("generate", "-p", "hi", "--top-p", "0"), "top_p"),
+    (("info", "unknown-model-id"), "valid models"),
+])
+def test_errors_are_one_line_with_nonzero_exit(args, message):
+    proc = edgellm(*args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgellm: error:") and message in lines[0], proc.stderr
+
+
+def test_corrupt_model_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
+    proc = edgellm("info", str(bad), check=False)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_everywhere():
+    for cmd in (["--help"], ["info", "--help"], ["generate", "--help"], ["eval", "ppl", "--help"], ["chat", "--help"],
+                ["tokenize", "--help"]):
+        assert edgellm(*cmd).stdout.startswith("usage: edgellm")
+
+
+def test_missing_text_file_path_is_reported(tmp_path):
+    missing = Path(tmp_path) / "absent.txt"
+    proc = edgellm("tokenize", "--text-file", str(missing), check=False)
+    assert proc.returncode == 2 and "absent.txt" in proc.stderr
