@@ -13,12 +13,16 @@ def load_model(spec: str | Path | None = None) -> ModelDescription:
     """Load a GGUF file, a Hugging Face directory, or a model card id (None = the default model)."""
     path = resolve_model_path(spec)
     if path.is_dir():
+        from edgellm.model.artifact import is_artifact, load_artifact
+
+        if is_artifact(path):
+            return load_artifact(path)
         if (path / "config.json").is_file():
             from edgellm.model.hf_loader import load_hf_directory
 
             return load_hf_directory(path)
         raise ModelFormatError(
-            f"{path}: directory holds neither config.json (Hugging Face) nor a GGUF file"
+            f"{path}: directory holds neither manifest.json (an edgellm export) nor config.json (Hugging Face)"
         )
     if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         from edgellm.model.gguf_loader import load_gguf

@@ -72,6 +72,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def hf_tokenizer(self):
+        """The underlying `tokenizers.Tokenizer` (special tokens parsed), e.g. to save tokenizer.json."""
+        return self._tok
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token stands for (streaming decoders join these)."""
         return self.decode([token_id]).encode("utf-8", errors="surrogatepass")

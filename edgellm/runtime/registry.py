@@ -15,6 +15,7 @@ from edgellm.runtime.backend import Backend
 BACKEND_MODULES: dict[str, str] = {
     "reference": "edgellm.runtime.reference:ReferenceBackend",
     "llama.cpp": "edgellm.runtime.llamacpp:LlamaCppBackend",
+    "onnxruntime": "edgellm.runtime.onnxruntime_cpu:OrtBackend",
 }
 
 

@@ -1,0 +1,1 @@
+"""Compression: plans (per-layer formats) and, later, the passes that produce them."""

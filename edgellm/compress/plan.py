@@ -1,0 +1,87 @@
+"""A compression plan: which storage format each linear layer gets. Exporters consume it.
+
+Formats:
+  auto  keep the source's blocks when a lossless form exists (GGUF Q4_0/Q4_1/Q8_0), else fp32
+  fp32  dense float32
+  int8  8-bit symmetric round-to-nearest, blocks of 32
+  int4  4-bit asymmetric round-to-nearest, blocks of 32 (min/scale per block, exact offset path)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgellm.errors import ConfigError
+
+FORMATS = ("auto", "fp32", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """default format, glob overrides on layer names (e.g. "blk.*.ffn_down": "int8"), compute mode."""
+
+    default: str = "auto"
+    overrides: dict[str, str] = field(default_factory=dict)
+    lm_head: str = "auto"
+    accuracy_level: int = 4  # ONNX Runtime MatMulNBits: 0 exact fp32 activations, 4 int8 activations
+    lm_head_accuracy_level: int = 4
+    name: str = "lossless-transcode"
+
+    def __post_init__(self) -> None:
+        for where, fmt in [("default", self.default), ("lm_head", self.lm_head), *self.overrides.items()]:
+            if fmt not in FORMATS:
+                raise ConfigError(f"plan {self.name}: format {fmt!r} for {where} is unknown; valid: {', '.join(FORMATS)}")
+        for key in ("accuracy_level", "lm_head_accuracy_level"):
+            if getattr(self, key) not in (0, 1, 2, 3, 4):
+                raise ConfigError(f"plan {self.name}: {key} must be 0-4, found {getattr(self, key)}")
+
+    def format_for(self, layer: str) -> str:
+        """Format of a linear layer such as "blk.3.attn_q" (the last matching override wins)."""
+        fmt = self.default
+        for pattern, value in self.overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                fmt = value
+        return fmt
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionPlan:
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ConfigError(f"plan has unknown fields {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompressionPlan:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: plan is not valid JSON ({exc})") from None
+        except TypeError as exc:
+            raise ConfigError(f"{path}: bad plan ({exc})") from None
+
+
+EXACT_PLAN = CompressionPlan(accuracy_level=0, lm_head="fp32", lm_head_accuracy_level=0, name="lossless-exact")
+PRESETS: dict[str, CompressionPlan] = {
+    "lossless-transcode": CompressionPlan(),
+    "lossless-exact": EXACT_PLAN,
+    "fp32": CompressionPlan(default="fp32", lm_head="fp32", accuracy_level=0, lm_head_accuracy_level=0, name="fp32"),
+    "int8": CompressionPlan(default="int8", lm_head="int8", name="int8"),
+    "int4": CompressionPlan(default="int4", lm_head="int8", name="int4"),
+}
+
+
+def resolve_plan(spec: str | Path | None) -> CompressionPlan:
+    """A preset name, a plan JSON file, or None (lossless transcode with int8 activations)."""
+    if spec is None:
+        return PRESETS["lossless-transcode"]
+    if str(spec) in PRESETS:
+        return PRESETS[str(spec)]
+    if Path(spec).is_file():
+        return CompressionPlan.load(spec)
+    raise ConfigError(f"plan {spec!r} is neither a file nor a preset; presets: {', '.join(PRESETS)}")

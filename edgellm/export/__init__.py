@@ -1,0 +1,1 @@
+"""Exporters: one module per format (ONNX today; TVM and FPGA bundles later)."""

@@ -1,0 +1,134 @@
+"""Weights in ONNX Runtime's block-quantized layout (MatMulNBits), transcoded from GGUF blocks.
+
+MatMulNBits computes with w = scale * (q - zero_point) per block of `block_size` along K, q unsigned
+`bits`-bit integers packed low bits first. GGUF's types map onto it as follows:
+
+  Q4_0  w = d * (q - 8)      -> 4-bit, scale d, zero point 8             exact
+  Q8_0  w = d * q (int8)     -> 8-bit, scale d, zero point 128, q + 128  exact
+  Q4_1  w = d * q + m        -> 4-bit, scale d, zero point 8, plus a per-block offset
+                                 c = m + 8 d that the graph adds as (block sums of x) @ c   exact
+
+Q4_1's float minimum has no integer zero point; a float zero point is exact but leaves ORT's fast
+kernel (~40x slower, shared/notes/baselines.md). Splitting it into the symmetric 4-bit product plus a
+rank-(K/32) correction keeps both: the weights the graph multiplies by are d*q + m to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgellm.errors import ConfigError, UnsupportedTensorTypeError
+from edgellm.model.weights import WeightTensor
+
+GGUF_BLOCK = 32
+
+
+@dataclass
+class BlockQuantized:
+    """One linear layer's weights (N outputs x K inputs) in MatMulNBits form."""
+
+    n: int
+    k: int
+    bits: int
+    block_size: int
+    packed: np.ndarray  # uint8 (N, K/block, block*bits/8)
+    scales: np.ndarray  # float32 (N, K/block)
+    zero_point: int  # uniform integer zero point (the kernel's default: 2^(bits-1))
+    block_offsets: np.ndarray | None = None  # float32 (K/block, N): Q4_1's m + 8d, else None
+    source: str = ""  # e.g. "Q4_1 transcode", "int4 RTN"
+
+    def dequantize(self) -> np.ndarray:
+        """float32 (N, K): what the exported graph multiplies by (for tests and fallbacks)."""
+        q = unpack(self.packed, self.bits).reshape(self.n, self.k // self.block_size, self.block_size)
+        w = (q.astype(np.float32) - self.zero_point) * self.scales[:, :, None]
+        if self.block_offsets is not None:
+            w = w + self.block_offsets.T[:, :, None]
+        return w.reshape(self.n, self.k)
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.block_offsets is None else self.block_offsets.nbytes
+        return self.packed.nbytes + self.scales.nbytes + extra
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """(..., K) unsigned ints -> (..., K*bits/8) uint8, element 2i in the low nibble for 4 bits."""
+    q = q.astype(np.uint8)
+    if bits == 8:
+        return q
+    if bits == 4:
+        return (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
+    raise ConfigError(f"MatMulNBits packing supports 4 and 8 bits here, not {bits}")
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed.astype(np.uint8)
+    lo, hi = packed & 0x0F, packed >> 4
+    return np.stack((lo, hi), axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _blocks(tensor: WeightTensor, bytes_per_block: int) -> np.ndarray:
+    n, k = tensor.shape
+    if k % GGUF_BLOCK:
+        raise UnsupportedTensorTypeError(f"{tensor.name}: K={k} is not a multiple of {GGUF_BLOCK}")
+    return np.asarray(tensor.raw, dtype=np.uint8).reshape(n, k // GGUF_BLOCK, bytes_per_block)
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _gguf_nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGUF 4-bit blocks keep element j in the low nibble and j+16 in the high nibble of byte j."""
+    return np.concatenate((qs & 0x0F, qs >> 4), axis=-1)
+
+
+def from_q4_0(tensor: WeightTensor) -> BlockQuantized:
+    b = _blocks(tensor, 18)
+    q = _gguf_nibbles(b[..., 2:])
+    n, k = tensor.shape
+    return BlockQuantized(n, k, 4, GGUF_BLOCK, pack(q, 4), _f16(b, 0), 8, source="Q4_0 transcode")
+
+
+def from_q4_1(tensor: WeightTensor) -> BlockQuantized:
+    b = _blocks(tensor, 20)
+    d, m = _f16(b, 0), _f16(b, 2)
+    q = _gguf_nibbles(b[..., 4:])
+    n, k = tensor.shape
+    offsets = (m + 8.0 * d).T.copy()  # d*q + m = d*(q - 8) + (m + 8d)
+    return BlockQuantized(n, k, 4, GGUF_BLOCK, pack(q, 4), d, 8, offsets, source="Q4_1 transcode")
+
+
+def from_q8_0(tensor: WeightTensor) -> BlockQuantized:
+    b = _blocks(tensor, 34)
+    q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    n, k = tensor.shape
+    return BlockQuantized(n, k, 8, GGUF_BLOCK, q, _f16(b, 0), 128, source="Q8_0 transcode")
+
+
+LOSSLESS_TRANSCODERS = {"Q4_0": from_q4_0, "Q4_1": from_q4_1, "Q8_0": from_q8_0}
+
+
+def quantize_rtn(weights: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True) -> BlockQuantized:
+    """Round-to-nearest block quantization of float weights (N, K) with a uniform zero point."""
+    n, k = weights.shape
+    if k % block_size:
+        raise ConfigError(f"K={k} is not a multiple of block size {block_size}")
+    w = weights.reshape(n, k // block_size, block_size).astype(np.float32)
+    zero = 1 << (bits - 1)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        amax = np.abs(w).max(-1)
+        scales = np.where(amax > 0, amax / (zero - 1 if bits == 8 else zero), 1.0).astype(np.float32)
+        q = np.clip(np.round(w / scales[..., None]) + zero, 0, qmax)
+        return BlockQuantized(n, k, bits, block_size, pack(q, bits).reshape(n, k // block_size, -1),
+                              scales, zero, source=f"int{bits} RTN symmetric")
+    lo, hi = w.min(-1), w.max(-1)
+    scales = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.round((w - lo[..., None]) / scales[..., None]), 0, qmax)
+    offsets = (lo + zero * scales).T.astype(np.float32).copy()  # asymmetric via the same offset path
+    return BlockQuantized(n, k, bits, block_size, pack(q, bits).reshape(n, k // block_size, -1), scales,
+                          zero, offsets, source=f"int{bits} RTN asymmetric")

@@ -1,0 +1,164 @@
+"""`edgellm export onnx`: model description + plan -> a directory ONNX Runtime runs.
+
+Written into a temporary sibling directory and renamed into place only when complete (manifest last),
+so an interrupted export never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgellm import __version__
+from edgellm.compress.plan import CompressionPlan
+from edgellm.errors import ConfigError
+from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn
+from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph
+from edgellm.model.artifact import ARTIFACT_FORMAT, MANIFEST, TOKENIZER_SPEC, sha256_file, tokenizer_to_dict
+from edgellm.model.description import ModelDescription
+from edgellm.model.tensor_names import LINEAR_ROLES
+from edgellm.model.weights import WeightTensor
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def prepare_weight(tensor: WeightTensor, fmt: str) -> tuple[Weight, str]:
+    """Storage for one linear layer under a plan format; returns (weight, description)."""
+    if fmt == "auto":
+        if tensor.qtype in LOSSLESS_TRANSCODERS:
+            bq = LOSSLESS_TRANSCODERS[tensor.qtype](tensor)
+            return bq, bq.source
+        fmt = "fp32"
+    values = tensor.to_float()
+    if fmt == "fp32":
+        return np.ascontiguousarray(values, dtype=np.float32), f"fp32 from {tensor.qtype}"
+    if fmt == "int8":
+        bq = quantize_rtn(values, 8, symmetric=True)
+    elif fmt == "int4":
+        bq = quantize_rtn(values, 4, symmetric=False)
+    else:
+        raise ConfigError(f"unknown format {fmt!r} for {tensor.name}")
+    return bq, f"{bq.source} from {tensor.qtype}"
+
+
+def _inv_freq(description: ModelDescription) -> np.ndarray:
+    cfg = description.config
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    if cfg.rope_scaling.kind == "linear":
+        inv = inv / cfg.rope_scaling.factor
+    if "rope_freqs.weight" in description.weights:
+        inv = inv / description.weights.float("rope_freqs.weight").astype(np.float64)
+    return inv
+
+
+def lower(description: ModelDescription, plan: CompressionPlan, progress: bool = False):
+    """Build the ONNX model in memory; returns (onnx model, per-layer format table)."""
+    cfg, w = description.config, description.weights
+    layers: dict[str, str] = {}
+    linears: dict[str, Weight] = {}
+    names = [f"blk.{i}.{role}" for i in range(cfg.n_layers) for role in LINEAR_ROLES]
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc="transcode weights", unit="layer")
+    for name in iterator:
+        linears[name], layers[name] = prepare_weight(w[f"{name}.weight"], plan.format_for(name))
+        w[f"{name}.weight"].release_float()
+    norms = {f"blk.{i}.{n}": w.float(f"blk.{i}.{n}.weight") for i in range(cfg.n_layers)
+             for n in ("attn_norm", "ffn_norm")}
+    norms["output_norm"] = w.float("output_norm.weight")
+    head_tensor = w[description.lm_head_name()]
+    lm_head, layers["lm_head"] = prepare_weight(head_tensor, plan.lm_head)
+    embed_tensor = w["token_embd.weight"]
+    embed: Weight
+    if embed_tensor.qtype == "Q8_0":  # gathered straight from the (shared) Q8_0 blocks: lossless
+        embed = lm_head if (cfg.tie_embeddings and isinstance(lm_head, BlockQuantized) and lm_head.bits == 8
+                            and lm_head.source.startswith("Q8_0")) else LOSSLESS_TRANSCODERS["Q8_0"](embed_tensor)
+        layers["token_embd"] = "Q8_0 transcode (gather)"
+    else:
+        embed = embed_tensor.to_float()
+        layers["token_embd"] = f"fp32 from {embed_tensor.qtype}"
+    options = LoweringOptions(accuracy_level=plan.accuracy_level, lm_head_accuracy_level=plan.lm_head_accuracy_level)
+    model = build_llama_graph(cfg, norms, linears, embed, lm_head, _inv_freq(description), options)
+    return model, layers
+
+
+def export_onnx(description: ModelDescription, out_dir: str | Path, plan: CompressionPlan | None = None,
+                overwrite: bool = False, progress: bool = False) -> Path:
+    """Write the artifact directory atomically and return its path."""
+    import onnx
+
+    plan = plan or CompressionPlan()
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass overwrite=True (CLI: --force) to replace it")
+    if description.tokenizer is None:
+        raise ConfigError(f"{description.source}: the model has no tokenizer to ship with the export")
+    started = time.time()
+    model, layers = lower(description, plan, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        del model
+        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        _write_tokenizer(description, tmp)
+        _write_manifest(description, plan, layers, tmp, time.time() - started)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_tokenizer(description: ModelDescription, directory: Path) -> None:
+    from edgellm.model.tokenizer import Tokenizer
+
+    spec = description.tokenizer
+    (directory / TOKENIZER_SPEC).write_text(json.dumps(tokenizer_to_dict(spec)))
+    # A standard tokenizer.json too, for runtimes outside edgellm (browser, Android).
+    (directory / "tokenizer.json").write_text(Tokenizer(spec).hf_tokenizer().to_str())
+
+
+def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers: dict[str, str],
+                    directory: Path, seconds: float) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(directory.iterdir()) if p.is_file()}
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": 1,
+        "backend": "onnxruntime",
+        "edgellm_version": __version__,
+        "model": {"name": description.config.name, "source": str(description.source),
+                  "source_type": description.file_type},
+        "config": description.config.to_dict(),
+        "file_type": description.file_type,
+        "opset": OPSET,
+        "plan": plan.to_dict(),
+        "layers": layers,
+        "graph": {"model": MODEL_FILE, "external_data": DATA_FILE},
+        "files": files,
+        "export_seconds": round(seconds, 2),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)

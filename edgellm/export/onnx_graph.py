@@ -1,0 +1,209 @@
+"""Lower the one Llama model description to an ONNX graph for ONNX Runtime's CPU provider.
+
+One graph serves prefill (sequence > 1) and decode (sequence 1). The KV cache is a graph input and
+output per layer in GroupQueryAttention's BNSH layout; the runtime binds each layer's past and present
+to the same preallocated buffer, so a token appends in place instead of copying the cache.
+
+Graph inputs                         shape
+  input_ids                          (batch, sequence) int64
+  past_key_values.{i}.key/.value     (batch, n_kv_heads, cache_sequence, head_dim) float32
+  seqlens_k                          (batch,) int32 = tokens in cache after this step - 1
+  total_sequence_length              () int32 = tokens in cache after this step
+  logits_to_keep                     (1,) int64 = how many trailing positions get logits
+Graph outputs
+  logits                             (batch, logits_to_keep, vocab)
+  present.{i}.key/.value             (batch, n_kv_heads, cache_sequence, head_dim)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from edgellm.export.block_formats import BlockQuantized
+from edgellm.export.onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from edgellm.model.config import ModelConfig
+
+OPSET = 23  # RMSNormalization
+Weight = BlockQuantized | np.ndarray  # fp32 arrays are (N, K) like the model description
+
+
+@dataclass(frozen=True)
+class LoweringOptions:
+    accuracy_level: int = 4  # MatMulNBits: 0 = fp32 activations (exact), 4 = int8 activations (fast)
+    lm_head_accuracy_level: int = 4
+    fuse_qkv: bool = True
+    fuse_gate_up: bool = True
+
+
+def _concat_weights(parts: list[Weight]) -> Weight | None:
+    """Stack weights along N when they share a format; None when they cannot be fused."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts, axis=0)
+    if not all(isinstance(p, BlockQuantized) for p in parts):
+        return None
+    first = parts[0]
+    same = all((p.bits, p.block_size, p.zero_point, p.k, p.block_offsets is None)
+               == (first.bits, first.block_size, first.zero_point, first.k, first.block_offsets is None)
+               for p in parts)
+    if not same:
+        return None
+    offsets = None if first.block_offsets is None else np.concatenate([p.block_offsets for p in parts], axis=1)
+    return BlockQuantized(
+        n=sum(p.n for p in parts), k=first.k, bits=first.bits, block_size=first.block_size,
+        packed=np.concatenate([p.packed for p in parts]), scales=np.concatenate([p.scales for p in parts]),
+        zero_point=first.zero_point, block_offsets=offsets, source=first.source,
+    )
+
+
+# x ──► MatMulNBits(packed, scales) ───────────────► Add ──► y        (block-quantized weights)
+#  └──► MatMul(E: K x K/32) ──► MatMul(offsets) ─────┘                 (only for Q4_1-style offsets)
+#        block sums of x         (K/32 x N)
+def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int) -> str:
+    """y = x @ W^T for W in any supported storage; exact to fp32 rounding for transcoded blocks."""
+    if isinstance(w, np.ndarray):
+        return b.op1("MatMul", [x, b.const(f"{name}.weight_t", w.T.astype(np.float32))], name=name)
+    y = b.op1("MatMulNBits", [x, b.const(f"{name}.qweight", w.packed), b.const(f"{name}.scales", w.scales)],
+              name=name, domain=MS_DOMAIN, K=w.k, N=w.n, bits=w.bits, block_size=w.block_size,
+              accuracy_level=accuracy_level)
+    if w.block_offsets is None:
+        return y
+    sums = b.op1("MatMul", [x, b.const(f"block_sum_{w.k}_{w.block_size}", _block_indicator(w.k, w.block_size))],
+                 name=f"{name}/block_sums")
+    corr = b.op1("MatMul", [sums, b.const(f"{name}.block_offsets", w.block_offsets)], name=f"{name}/offset")
+    return b.op1("Add", [y, corr], name=f"{name}/add_offset")
+
+
+def _block_indicator(k: int, block: int) -> np.ndarray:
+    e = np.zeros((k, k // block), dtype=np.float32)
+    e[np.arange(k), np.arange(k) // block] = 1.0
+    return e
+
+
+# ids ─► Gather(q8 rows) ─► Cast ─► Sub(zero point) ─► Mul ◄─ Unsqueeze ◄─ Gather(scales)
+#                                                       └─► Reshape(batch, seq, hidden)
+def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
+    """Token embedding that reuses the lm_head's quantized bytes when the two are tied."""
+    if isinstance(w, np.ndarray):
+        return b.op1("Gather", [b.const("token_embd.weight", w.astype(np.float32)), ids], name="embed")
+    rows = b.op1("Gather", [b.const("lm_head.qweight", w.packed), ids], name="embed/rows")  # (B,S,nb,bs)
+    values = b.op1("Cast", [rows], name="embed/cast", to=FLOAT)
+    if w.bits != 8:
+        raise ValueError("quantized embeddings are gathered from 8-bit blocks only")
+    centered = b.op1("Sub", [values, b.const("embed.zero_point", np.float32(w.zero_point))], name="embed/center")
+    scales = b.op1("Gather", [b.const("lm_head.scales", w.scales), ids], name="embed/scales")  # (B,S,nb)
+    scales = b.op1("Unsqueeze", [scales, b.const("axes_last", np.array([-1], np.int64))], name="embed/unsq")
+    scaled = b.op1("Mul", [centered, scales], name="embed/scale")
+    if w.block_offsets is not None:
+        raise ValueError("embedding blocks with offsets are not supported")
+    shape = b.const("shape_bs_hidden", np.array([0, 0, hidden], np.int64))
+    return b.op1("Reshape", [scaled, shape], name="embed/reshape")
+
+
+# qkv (B,S,(Hq+2Hkv)d) ─► GroupQueryAttention(rotary, packed QKV) ─► (B,S,Hq d)
+#      past k/v (B,Hkv,L,d) ─┘        └─► present k/v (same buffer as past when bound so)
+def attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, seqlens: str, total: str,
+              cos: str, sin: str) -> str:
+    out = b.op(
+        "GroupQueryAttention",
+        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, cos, sin],
+        outputs=[f"attn_out.{i}", f"present.{i}.key", f"present.{i}.value"], name=f"blk.{i}.attention",
+        domain=MS_DOMAIN, num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1,
+        rotary_interleaved=1 if cfg.rope_style == "interleaved" else 0,
+    )
+    return out[0]
+
+
+# gate_up (B,S,2F) ─► Split ─► g ─► Sigmoid ─► Mul(g) ─► Mul(u) ─► (B,S,F)
+#                          └─► u ──────────────────────────┘
+def swiglu(b: GraphBuilder, gate_up: str, ffn: int, name: str) -> str:
+    g, u = b.op("Split", [gate_up, b.const(f"split_{ffn}", np.array([ffn, ffn], np.int64))], n_out=2,
+                name=f"{name}/split", axis=-1)
+    return _silu_times(b, g, u, name)
+
+
+def _silu_times(b: GraphBuilder, g: str, u: str, name: str) -> str:
+    sig = b.op1("Sigmoid", [g], name=f"{name}/sigmoid")
+    silu = b.op1("Mul", [g, sig], name=f"{name}/silu")
+    return b.op1("Mul", [silu, u], name=f"{name}/gate")
+
+
+# x ─► SkipSimplifiedLayerNorm(skip = residual) ─► normed      (first layer: RMSNormalization)
+#                                  └──────────────► residual + x  (the next skip input)
+def skip_norm(b: GraphBuilder, x: str, residual: str | None, gamma: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+    g = b.const(f"{name}.weight", gamma.astype(np.float32))
+    if residual is None:
+        return b.op1("RMSNormalization", [x, g], name=name, axis=-1, epsilon=eps, stash_type=1), x
+    outs = b.op("SkipSimplifiedLayerNormalization", [x, residual, g], name=name, domain=MS_DOMAIN,
+                outputs=[f"{name}/out", "", "", f"{name}/sum"], epsilon=eps)
+    return outs[0], outs[3]
+
+
+def rope_tables(cfg: ModelConfig, inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # (P, d/2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def build_llama_graph(cfg: ModelConfig, norms: Mapping[str, np.ndarray], linears: Mapping[str, Weight],
+                      embed: Weight, lm_head: Weight, inv_freq: np.ndarray,
+                      options: LoweringOptions = LoweringOptions()) -> onnx.ModelProto:
+    """The whole decoder: embedding -> n_layers blocks -> final norm -> lm_head on the kept positions."""
+    b = GraphBuilder()
+    ids = b.add_input("input_ids", INT64, ["batch", "sequence"])
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            b.add_input(f"past_key_values.{i}.{kind}", FLOAT, ["batch", cfg.n_kv_heads, "cache_sequence", cfg.head_dim])
+    seqlens = b.add_input("seqlens_k", INT32, ["batch"])
+    total = b.add_input("total_sequence_length", INT32, [])
+    keep = b.add_input("logits_to_keep", INT64, [1])
+    cos_t, sin_t = rope_tables(cfg, inv_freq, cfg.context_length)
+    cos, sin = b.const("rope.cos", cos_t), b.const("rope.sin", sin_t)
+
+    x = embedding(b, ids, embed, cfg.hidden_size)
+    residual: str | None = None
+    for i in range(cfg.n_layers):
+        x, residual = _block(b, cfg, i, x, residual, norms, linears, seqlens, total, cos, sin, options)
+    h, _ = skip_norm(b, x, residual, norms["output_norm"], cfg.norm_eps, "output_norm")
+    neg_keep = b.op1("Neg", [keep], name="logits/neg_keep")
+    h = b.op1("Slice", [h, neg_keep, b.const("int64_max", np.array([2**62], np.int64)),
+                        b.const("axis_seq", np.array([1], np.int64))], name="logits/keep")
+    logits = linear(b, h, lm_head, "lm_head", options.lm_head_accuracy_level)
+    b.op1("Identity", [logits], outputs=["logits"], name="logits/out")
+    b.add_output("logits", FLOAT, ["batch", "logits_len", cfg.vocab_size])
+    for i in range(cfg.n_layers):
+        for kind in ("key", "value"):
+            b.add_output(f"present.{i}.{kind}", FLOAT, ["batch", cfg.n_kv_heads, "present_sequence", cfg.head_dim])
+    return b.model("edgellm_llama", OPSET)
+
+
+def _block(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, residual: str | None,
+           norms: Mapping[str, np.ndarray], linears: Mapping[str, Weight], seqlens: str, total: str,
+           cos: str, sin: str, options: LoweringOptions) -> tuple[str, str]:
+    """One decoder layer; returns (ffn output, residual stream) for the next SkipSimplifiedLayerNorm."""
+    p = f"blk.{i}"
+    h, residual = skip_norm(b, x, residual, norms[f"{p}.attn_norm"], cfg.norm_eps, f"{p}.attn_norm")
+    qkv = _fused(b, h, [linears[f"{p}.attn_q"], linears[f"{p}.attn_k"], linears[f"{p}.attn_v"]],
+                 f"{p}.attn_qkv", options.accuracy_level, options.fuse_qkv)
+    attn = attention(b, cfg, i, qkv, seqlens, total, cos, sin)
+    o = linear(b, attn, linears[f"{p}.attn_output"], f"{p}.attn_output", options.accuracy_level)
+    h, residual = skip_norm(b, o, residual, norms[f"{p}.ffn_norm"], cfg.norm_eps, f"{p}.ffn_norm")
+    gate, up = linears[f"{p}.ffn_gate"], linears[f"{p}.ffn_up"]
+    fused = _concat_weights([gate, up]) if options.fuse_gate_up else None
+    if fused is not None:
+        act = swiglu(b, linear(b, h, fused, f"{p}.ffn_gate_up", options.accuracy_level), cfg.ffn_size, f"{p}.ffn")
+    else:
+        g = linear(b, h, gate, f"{p}.ffn_gate", options.accuracy_level)
+        u = linear(b, h, up, f"{p}.ffn_up", options.accuracy_level)
+        act = _silu_times(b, g, u, f"{p}.ffn")
+    return linear(b, act, linears[f"{p}.ffn_down"], f"{p}.ffn_down", options.accuracy_level), residual
+
+
+def _fused(b: GraphBuilder, x: str, parts: list[Weight], name: str, level: int, fuse: bool) -> str:
+    fused = _concat_weights(parts) if fuse else None
+    if fused is not None:
+        return linear(b, x, fused, name, level)
+    outs = [linear(b, x, w, f"{name}/{j}", level) for j, w in enumerate(parts)]
+    return b.op1("Concat", outs, name=f"{name}/concat", axis=-1)
