@@ -77,8 +77,11 @@ def tokenize(args: argparse.Namespace) -> int:
 
 
 def _backend(args: argparse.Namespace, model, **options):
-    from edgellm.runtime.registry import create_backend
+    from edgellm.runtime.registry import backend_class, create_backend
 
+    if args.backend is None:
+        args.backend = str(model.metadata.get("backend", "reference"))
+    backend_class(args.backend)  # an unknown name fails here, listing the valid ones
     return create_backend(args.backend, model, threads=args.threads, **options)
 
 
@@ -185,4 +188,63 @@ def eval_ppl(args: argparse.Namespace) -> int:
     else:
         print(f"perplexity {result.ppl:.4f} over {result.n_predictions} predictions "
               f"({result.n_windows} windows of {result.window}, backend {args.backend})")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from edgellm.compress.plan import resolve_plan
+    from edgellm.export.onnx_export import export_onnx
+
+    plan = resolve_plan(args.plan)
+    model = _load(args)
+    out = export_onnx(model, args.output, plan, overwrite=args.force, progress=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
+    print(f"wrote {out} ({size:.1f} MB, plan {plan.name}, opset {manifest['opset']})")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from edgellm.bench.speed import BenchConfig, Engine, format_table, run_bench
+    from edgellm.compress.plan import resolve_plan
+    from edgellm.export.onnx_export import export_onnx
+    from edgellm.model.loader import load_model
+
+    config = BenchConfig(threads=args.threads, n_prompt=args.n_prompt, n_decode=args.n_decode, rounds=args.rounds,
+                         reps=args.reps, ppl_tokens=args.ppl_tokens)
+    model = _load(args)
+    with tempfile.TemporaryDirectory(prefix="edgellm-bench-") as tmp:
+        if "artifact" in model.metadata:
+            art_dir, gguf = Path(model.source), Path(model.metadata["artifact"]["model"]["source"])
+        else:
+            gguf = Path(model.source)
+            art_dir = export_onnx(model, Path(tmp) / "onnx", resolve_plan(args.plan), progress=True)
+        art_files = tuple(p for p in art_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+        engines = [Engine("edgellm-ort", "onnxruntime", str(art_dir), art_files)]
+        if args.vs == "llama.cpp":
+            engines.append(Engine("llama.cpp", "llama.cpp", str(gguf), (gguf,)))
+        tok = _tokenizer(load_model(art_dir))
+
+        def ppl(engine: Engine) -> float:
+            from edgellm.bench.perplexity import perplexity
+            from edgellm.corpus import canterbury_path
+            from edgellm.runtime.registry import create_backend
+
+            ids = tok.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
+            backend = create_backend(engine.backend, load_model(engine.model), threads=config.threads,
+                                     logits_all=True)
+            return perplexity(backend, ids, window=512, progress=True).ppl
+
+        result = run_bench(engines, tok, config, ppl_fn=ppl if config.ppl_tokens else None,
+                           log=lambda s: print(s, file=sys.stderr))
+    print(format_table(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_name(out.name + ".tmp")
+        tmp_out.write_text(json.dumps(result, indent=2))
+        tmp_out.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -16,11 +16,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
 
 
-def _add_backend(p: argparse.ArgumentParser, default: str = "reference") -> None:
+def _add_backend(p: argparse.ArgumentParser) -> None:
     from edgellm.runtime.registry import backend_names
 
-    p.add_argument("--backend", default=default, metavar="NAME",
-                   help=f"engine to run on: {', '.join(backend_names())} (default: {default})")
+    p.add_argument("--backend", default=None, metavar="NAME",
+                   help=f"engine to run on: {', '.join(backend_names())} (default: the one an exported "
+                        "directory's manifest names, else reference)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -85,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="window step (default: = window)")
     e.add_argument("--json", action="store_true", help="print JSON")
     _add_backend(e)
+
+    p = sub.add_parser("export", help="export a model to a deployable format")
+    xsub = p.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    x = xsub.add_parser("onnx", help="ONNX Runtime directory: model.onnx + data + tokenizer + manifest")
+    _add_model(x)
+    x.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write (atomically)")
+    x.add_argument("--plan", default=None, metavar="PLAN",
+                   help="a plan JSON file or preset: lossless-transcode (default: GGUF blocks kept, int8 "
+                        "activations), lossless-exact (fp32 activations), fp32, int8, int4")
+    x.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+    p = sub.add_parser("bench", help="speed, memory and perplexity beside llama.cpp (same model, threads, prompt)")
+    _add_model(p)
+    p.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"], help="comparison engine")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plan", default=None, help="export plan when MODEL is not already an export")
+    p.add_argument("--n-prompt", type=int, default=128, help="prompt tokens (prefill)")
+    p.add_argument("--n-decode", type=int, default=128, help="generated tokens (decode)")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per engine, interleaved")
+    p.add_argument("--reps", type=int, default=2, help="timed runs per process")
+    p.add_argument("--ppl-tokens", type=int, default=8192, help="alice29 tokens for perplexity (0 skips)")
+    p.add_argument("--json", metavar="OUT", default=None, help="write the result JSON here")
     return parser
 
 
@@ -94,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler = {
         "info": commands.info, "tokenize": commands.tokenize, "generate": commands.generate,
-        "chat": commands.chat, "eval": commands.eval_ppl,
+        "chat": commands.chat, "eval": commands.eval_ppl, "export": commands.export,
+        "bench": commands.bench,
     }[args.command]
     try:
         return handler(args) or 0

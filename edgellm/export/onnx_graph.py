@@ -37,6 +37,7 @@ class LoweringOptions:
     lm_head_accuracy_level: int = 4
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
+    offset_sums: str = "reducesum"  # block sums of x: "reducesum" (Reshape+ReduceSum) or "matmul" (x @ E)
 
 
 def _concat_weights(parts: list[Weight]) -> Weight | None:
@@ -62,7 +63,7 @@ def _concat_weights(parts: list[Weight]) -> Weight | None:
 # x ──► MatMulNBits(packed, scales) ───────────────► Add ──► y        (block-quantized weights)
 #  └──► MatMul(E: K x K/32) ──► MatMul(offsets) ─────┘                 (only for Q4_1-style offsets)
 #        block sums of x         (K/32 x N)
-def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int) -> str:
+def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int, offset_sums: str = "reducesum") -> str:
     """y = x @ W^T for W in any supported storage; exact to fp32 rounding for transcoded blocks."""
     if isinstance(w, np.ndarray):
         return b.op1("MatMul", [x, b.const(f"{name}.weight_t", w.T.astype(np.float32))], name=name)
@@ -71,8 +72,16 @@ def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int) -
               accuracy_level=accuracy_level)
     if w.block_offsets is None:
         return y
-    sums = b.op1("MatMul", [x, b.const(f"block_sum_{w.k}_{w.block_size}", _block_indicator(w.k, w.block_size))],
-                 name=f"{name}/block_sums")
+    if offset_sums == "drop":  # speed experiments only: NOT the model's weights
+        return y
+    if offset_sums == "reducesum":
+        shape = b.const(f"shape_blocks_{w.k}_{w.block_size}", np.array([0, 0, w.k // w.block_size, w.block_size], np.int64))
+        blocks = b.op1("Reshape", [x, shape], name=f"{name}/blocks")
+        sums = b.op1("ReduceSum", [blocks, b.const("axes_last", np.array([-1], np.int64))], name=f"{name}/block_sums",
+                     keepdims=0)
+    else:
+        sums = b.op1("MatMul", [x, b.const(f"block_sum_{w.k}_{w.block_size}", _block_indicator(w.k, w.block_size))],
+                     name=f"{name}/block_sums")
     corr = b.op1("MatMul", [sums, b.const(f"{name}.block_offsets", w.block_offsets)], name=f"{name}/offset")
     return b.op1("Add", [y, corr], name=f"{name}/add_offset")
 
@@ -186,24 +195,24 @@ def _block(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, residual: str | No
     p = f"blk.{i}"
     h, residual = skip_norm(b, x, residual, norms[f"{p}.attn_norm"], cfg.norm_eps, f"{p}.attn_norm")
     qkv = _fused(b, h, [linears[f"{p}.attn_q"], linears[f"{p}.attn_k"], linears[f"{p}.attn_v"]],
-                 f"{p}.attn_qkv", options.accuracy_level, options.fuse_qkv)
+                 f"{p}.attn_qkv", options.accuracy_level, options.fuse_qkv, options.offset_sums)
     attn = attention(b, cfg, i, qkv, seqlens, total, cos, sin)
-    o = linear(b, attn, linears[f"{p}.attn_output"], f"{p}.attn_output", options.accuracy_level)
+    o = linear(b, attn, linears[f"{p}.attn_output"], f"{p}.attn_output", options.accuracy_level, options.offset_sums)
     h, residual = skip_norm(b, o, residual, norms[f"{p}.ffn_norm"], cfg.norm_eps, f"{p}.ffn_norm")
     gate, up = linears[f"{p}.ffn_gate"], linears[f"{p}.ffn_up"]
     fused = _concat_weights([gate, up]) if options.fuse_gate_up else None
     if fused is not None:
-        act = swiglu(b, linear(b, h, fused, f"{p}.ffn_gate_up", options.accuracy_level), cfg.ffn_size, f"{p}.ffn")
+        act = swiglu(b, linear(b, h, fused, f"{p}.ffn_gate_up", options.accuracy_level, options.offset_sums), cfg.ffn_size, f"{p}.ffn")
     else:
-        g = linear(b, h, gate, f"{p}.ffn_gate", options.accuracy_level)
-        u = linear(b, h, up, f"{p}.ffn_up", options.accuracy_level)
+        g = linear(b, h, gate, f"{p}.ffn_gate", options.accuracy_level, options.offset_sums)
+        u = linear(b, h, up, f"{p}.ffn_up", options.accuracy_level, options.offset_sums)
         act = _silu_times(b, g, u, f"{p}.ffn")
-    return linear(b, act, linears[f"{p}.ffn_down"], f"{p}.ffn_down", options.accuracy_level), residual
+    return linear(b, act, linears[f"{p}.ffn_down"], f"{p}.ffn_down", options.accuracy_level, options.offset_sums), residual
 
 
-def _fused(b: GraphBuilder, x: str, parts: list[Weight], name: str, level: int, fuse: bool) -> str:
+def _fused(b: GraphBuilder, x: str, parts: list[Weight], name: str, level: int, fuse: bool, sums: str) -> str:
     fused = _concat_weights(parts) if fuse else None
     if fused is not None:
-        return linear(b, x, fused, name, level)
-    outs = [linear(b, x, w, f"{name}/{j}", level) for j, w in enumerate(parts)]
+        return linear(b, x, fused, name, level, sums)
+    outs = [linear(b, x, w, f"{name}/{j}", level, sums) for j, w in enumerate(parts)]
     return b.op1("Concat", outs, name=f"{name}/concat", axis=-1)

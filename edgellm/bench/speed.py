@@ -1,0 +1,148 @@
+"""`edgellm bench`: edgellm beside llama.cpp on the same model, threads and prompt tokens.
+
+Each engine runs in fresh worker processes (edgellm.bench.speed_worker), alternated engine by engine
+for several rounds, so load time and peak RSS are per engine and machine noise hits both alike.
+Medians are reported with ratios edgellm / llama.cpp, and JSON is tagged with machine and commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgellm.errors import ConfigError
+
+METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s")
+HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s": True, "ttft_ms": False, "peak_rss_mb": False,
+                    "load_s": False, "file_mb": False, "ppl": False}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: int = 2
+    n_prompt: int = 128
+    n_decode: int = 128
+    rounds: int = 3  # fresh processes per engine
+    reps: int = 2  # timed runs inside each process
+    ppl_tokens: int = 8192  # 0 skips perplexity
+    prompt_text: str = "alice29.txt"
+
+    def __post_init__(self) -> None:
+        if min(self.threads, self.n_prompt, self.n_decode, self.rounds, self.reps) < 1:
+            raise ConfigError("threads, n_prompt, n_decode, rounds and reps must all be >= 1")
+
+
+@dataclass(frozen=True)
+class Engine:
+    label: str  # column name, e.g. "edgellm-ort"
+    backend: str  # registry name
+    model: str  # path the worker loads
+    files: tuple[Path, ...]  # what is on disk for this engine
+
+
+def machine_tag() -> dict:
+    info = {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "cpu": _cpu_model()}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = "unknown"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def prompt_ids(tokenizer, config: BenchConfig) -> list[int]:
+    from edgellm.corpus import canterbury_path
+
+    text = canterbury_path(config.prompt_text).read_bytes().decode("utf-8")
+    ids = tokenizer.encode(text[10000:])  # prose, past the title page
+    return ids[: config.n_prompt]
+
+
+def _run_worker(engine: Engine, config: BenchConfig, prompt_file: str) -> dict:
+    cmd = [sys.executable, "-m", "edgellm.bench.speed_worker", engine.backend, engine.model,
+           "--threads", str(config.threads), "--prompt-ids", prompt_file, "--n-decode", str(config.n_decode),
+           "--reps", str(config.reps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{engine.label} worker failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
+              ppl_fn: Callable[[Engine], float] | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Interleaved rounds over the engines; returns the JSON-ready result."""
+    ids = prompt_ids(tokenizer, config)
+    samples: dict[str, dict[str, list[float]]] = {e.label: {m: [] for m in METRICS} for e in engines}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(ids, fh)
+        prompt_file = fh.name
+    try:
+        for r in range(config.rounds):
+            for engine in engines:
+                out = _run_worker(engine, config, prompt_file)
+                s = samples[engine.label]
+                for run in out["runs"]:
+                    for m in ("prefill_tok_s", "decode_tok_s", "ttft_ms"):
+                        s[m].append(run[m])
+                s["peak_rss_mb"].append(out["peak_rss_mb"])
+                s["load_s"].append(out["load_s"])
+                log(f"round {r + 1}/{config.rounds} {engine.label}: decode "
+                    f"{statistics.median(x['decode_tok_s'] for x in out['runs']):.1f} tok/s")
+    finally:
+        os.unlink(prompt_file)
+    result = {"config": config.__dict__, "machine": machine_tag(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "prompt_tokens": len(ids), "engines": {}}
+    for engine in engines:
+        med = {m: statistics.median(v) for m, v in samples[engine.label].items()}
+        med["file_mb"] = sum(p.stat().st_size for p in engine.files) / 2**20
+        med["backend"] = engine.backend
+        med["model"] = engine.model
+        if ppl_fn is not None and config.ppl_tokens:
+            med["ppl"] = ppl_fn(engine)
+        med["samples"] = samples[engine.label]
+        result["engines"][engine.label] = med
+    labels = [e.label for e in engines]
+    if len(labels) >= 2:
+        base = result["engines"][labels[-1]]
+        result["baseline"] = labels[-1]
+        for label in labels[:-1]:
+            ours = result["engines"][label]
+            result.setdefault("ratios", {})[f"{label}/{labels[-1]}"] = {
+                m: ours[m] / base[m] for m in (*METRICS, "file_mb", "ppl") if m in ours and base.get(m)
+            }
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A markdown table: one row per metric, one column per engine, then the ratio."""
+    labels = list(result["engines"])
+    rows = ["| metric | " + " | ".join(labels) + (" | ratio |" if "ratios" in result else " |"),
+            "|---|" + "---|" * len(labels) + ("---|" if "ratios" in result else "")]
+    ratios = next(iter(result.get("ratios", {}).values()), {})
+    for m in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "file_mb", "load_s", "ppl"):
+        if not all(m in result["engines"][lb] for lb in labels):
+            continue
+        cells = [f"{result['engines'][lb][m]:.2f}" for lb in labels]
+        ratio = f" {ratios[m]:.2f}x |" if m in ratios else (" |" if ratios else "")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |" + ratio)
+    return "\n".join(rows)
