@@ -122,7 +122,7 @@ def quantize_rtn(weights: np.ndarray, bits: int, block_size: int = 32, symmetric
     qmax = (1 << bits) - 1
     if symmetric:
         amax = np.abs(w).max(-1)
-        scales = np.where(amax > 0, amax / (zero - 1 if bits == 8 else zero), 1.0).astype(np.float32)
+        scales = np.where(amax > 0, amax / (zero - 1), 1.0).astype(np.float32)  # [-(z-1), z-1]: no clipping
         q = np.clip(np.round(w / scales[..., None]) + zero, 0, qmax)
         return BlockQuantized(n, k, bits, block_size, pack(q, bits).reshape(n, k // block_size, -1),
                               scales, zero, source=f"int{bits} RTN symmetric")

@@ -6,6 +6,7 @@ so an interrupted export never leaves a directory that loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -162,3 +163,29 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def effective_description(description: ModelDescription, plan: CompressionPlan) -> ModelDescription:
+    """The same model with every linear replaced by the float weights the export computes with.
+
+    The reference backend run on this description is the oracle for an exported plan: any difference
+    left is the runtime's arithmetic, not the weights.
+    """
+    from edgellm.model.weights import ModelWeights
+
+    cfg, w = description.config, description.weights
+    tensors = dict(w.items())
+    for i in range(cfg.n_layers):
+        for role in LINEAR_ROLES:
+            name = f"blk.{i}.{role}"
+            weight, _ = prepare_weight(w[f"{name}.weight"], plan.format_for(name))
+            values = weight if isinstance(weight, np.ndarray) else weight.dequantize()
+            tensors[f"{name}.weight"] = WeightTensor.from_array(f"{name}.weight", values)
+    head, _ = prepare_weight(w[description.lm_head_name()], plan.lm_head)
+    head_values = head if isinstance(head, np.ndarray) else head.dequantize()
+    # The export keeps the embedding lossless even when the lm_head is requantized: untie them here.
+    tensors["output.weight"] = WeightTensor.from_array("output.weight", head_values)
+    cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    return ModelDescription(config=cfg, weights=ModelWeights(tensors, source=f"{w.source} ({plan.name})"),
+                            tokenizer=description.tokenizer, source=description.source,
+                            file_type=description.file_type, metadata=dict(description.metadata))

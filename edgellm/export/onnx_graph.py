@@ -74,6 +74,12 @@ def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int, o
         return y
     if offset_sums == "drop":  # speed experiments only: NOT the model's weights
         return y
+    if offset_sums == "einsum":
+        shape = b.const(f"shape_blocks_{w.k}_{w.block_size}", np.array([0, 0, w.k // w.block_size, w.block_size], np.int64))
+        blocks = b.op1("Reshape", [x, shape], name=f"{name}/blocks")
+        corr = b.op1("Einsum", [blocks, b.const(f"{name}.block_offsets", w.block_offsets)], name=f"{name}/offset",
+                     equation="xyij,in->xyn")
+        return b.op1("Add", [y, corr], name=f"{name}/add_offset")
     if offset_sums == "reducesum":
         shape = b.const(f"shape_blocks_{w.k}_{w.block_size}", np.array([0, 0, w.k // w.block_size, w.block_size], np.int64))
         blocks = b.op1("Reshape", [x, shape], name=f"{name}/blocks")
