@@ -222,7 +222,7 @@ def test_one_flipped_byte_in_the_weights(copy):
 
 def test_missing_manifest(copy, model):
     (copy / "manifest.json").unlink()
-    with pytest.raises(ModelFormatError, match=r"neither manifest\.json \(an edgellm export\)"):
+    with pytest.raises(ModelFormatError, match=r"no manifest\.json: not an edgellm export \(or an interrupted one\)"):
         load_model(copy)
     from edgellm.runtime.onnxruntime_cpu import OrtBackend
 
@@ -256,8 +256,6 @@ def test_garbage_graph_with_a_matching_checksum(copy):
         _ort(copy)
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, KeyError, TypeError),
-                   reason="product bug: read_manifest checks that fields exist, not their types")
 @pytest.mark.parametrize("field, value", [("config", None), ("files", []), ("graph", "absent")])
 def test_manifest_field_of_the_wrong_type(copy, field, value):
     manifest = _manifest(copy)

@@ -51,7 +51,7 @@ class Engine:
 
 def machine_tag() -> dict:
     info = {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "cpu": _cpu_model()}
+            "cpus": os.cpu_count(), "cpu": _cpu_model(), "load_average_1m": os.getloadavg()[0]}
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -92,6 +92,9 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
               ppl_fn: Callable[[Engine], float] | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Interleaved rounds over the engines; returns the JSON-ready result."""
     ids = prompt_ids(tokenizer, config)
+    busy = os.getloadavg()[0] / (os.cpu_count() or 1)
+    if busy > 0.5:
+        log(f"warning: load average is {busy:.1f} per core before the run; timings will be noisy")
     samples: dict[str, dict[str, list[float]]] = {e.label: {m: [] for m in METRICS} for e in engines}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(ids, fh)

@@ -49,6 +49,14 @@ def info(args: argparse.Namespace) -> int:
         "n_parameters": sum(int(_prod(t.shape)) for t in model.weights.values()),
         "chat_template": bool(model.tokenizer and model.tokenizer.chat_template),
     }
+    artifact = model.metadata.get("artifact")
+    if artifact:  # an export: weights live in the backend's files, the manifest describes them
+        data["n_parameters"] = _parameter_count(cfg)
+        data["tensor_types"] = dict(Counter(artifact.get("layers", {}).values()))
+        data["backend"] = artifact["backend"]
+        data["plan"] = artifact.get("plan", {}).get("name")
+        data["file_mb"] = round(sum(f["bytes"] for f in artifact["files"].values()) / 2**20, 2)
+        data.pop("n_tensors")
     if args.tensors:
         data["tensors"] = {n: {"type": t.qtype, "shape": list(t.shape)} for n, t in model.weights.items()}
     if args.json:
@@ -60,6 +68,13 @@ def info(args: argparse.Namespace) -> int:
     for name, t in data.get("tensors", {}).items():
         print(f"  {name:<32} {t['type']:<6} {t['shape']}")
     return 0
+
+
+def _parameter_count(cfg) -> int:
+    per_layer = 2 * cfg.hidden_size + cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) \
+        + cfg.q_size * cfg.hidden_size + 3 * cfg.hidden_size * cfg.ffn_size
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size
+    return cfg.n_layers * per_layer + cfg.vocab_size * cfg.hidden_size + cfg.hidden_size + head
 
 
 def _prod(shape) -> int:

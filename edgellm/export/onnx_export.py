@@ -116,6 +116,9 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         _write_tokenizer(description, tmp)
         _write_manifest(description, plan, layers, tmp, time.time() - started)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,13 +159,19 @@ def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(trash)
+    """Swap the finished directory into place; if the swap fails, the old export is put back."""
+    if not out.exists():
         tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+        return
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)  # a leftover from an earlier crash
+    out.rename(trash)
+    try:
         tmp.rename(out)
+    except BaseException:
+        trash.rename(out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def effective_description(description: ModelDescription, plan: CompressionPlan) -> ModelDescription:

@@ -104,12 +104,14 @@ def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
     """Token embedding that reuses the lm_head's quantized bytes when the two are tied."""
     if isinstance(w, np.ndarray):
         return b.op1("Gather", [b.const("token_embd.weight", w.astype(np.float32)), ids], name="embed")
-    rows = b.op1("Gather", [b.const("lm_head.qweight", w.packed), ids], name="embed/rows")  # (B,S,nb,bs)
+    # A separate initializer from the lm_head's on purpose: ONNX Runtime prepacks the lm_head into its own
+    # layout and frees the original only when nothing else reads it; the gather touches just a few rows.
+    rows = b.op1("Gather", [b.const("token_embd.q8", w.packed), ids], name="embed/rows")  # (B,S,nb,bs)
     values = b.op1("Cast", [rows], name="embed/cast", to=FLOAT)
     if w.bits != 8:
         raise ValueError("quantized embeddings are gathered from 8-bit blocks only")
     centered = b.op1("Sub", [values, b.const("embed.zero_point", np.float32(w.zero_point))], name="embed/center")
-    scales = b.op1("Gather", [b.const("lm_head.scales", w.scales), ids], name="embed/scales")  # (B,S,nb)
+    scales = b.op1("Gather", [b.const("token_embd.scales", w.scales), ids], name="embed/scales")  # (B,S,nb)
     scales = b.op1("Unsqueeze", [scales, b.const("axes_last", np.array([-1], np.int64))], name="embed/unsq")
     scaled = b.op1("Mul", [centered, scales], name="embed/scale")
     if w.block_offsets is not None:

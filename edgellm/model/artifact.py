@@ -44,9 +44,20 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ModelFormatError(f"{path}: corrupt manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
         raise ModelFormatError(f"{path}: format is not {ARTIFACT_FORMAT!r}")
-    for key in ("backend", "config", "files"):
+    expected = {"backend": str, "config": dict, "files": dict, "graph": dict}
+    for key, kind in expected.items():
         if key not in manifest:
             raise ModelFormatError(f"{path}: manifest field {key!r} is missing")
+        if not isinstance(manifest[key], kind):
+            raise ModelFormatError(
+                f"{path}: manifest field {key!r} should be a {kind.__name__}, found {type(manifest[key]).__name__}"
+            )
+    for name, info in manifest["files"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise ModelFormatError(f"{path}: files[{name!r}] needs integer 'bytes' and string 'sha256', found {info!r}")
+    for key in ("model", "external_data"):
+        if not isinstance(manifest["graph"].get(key), str):
+            raise ModelFormatError(f"{path}: manifest field graph.{key} should be a file name")
     return manifest
 
 

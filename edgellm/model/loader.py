@@ -21,6 +21,10 @@ def load_model(spec: str | Path | None = None) -> ModelDescription:
             from edgellm.model.hf_loader import load_hf_directory
 
             return load_hf_directory(path)
+        if (path / "model.onnx").is_file():
+            raise ModelFormatError(
+                f"{path}: has model.onnx but no manifest.json: not an edgellm export (or an interrupted one)"
+            )
         raise ModelFormatError(
             f"{path}: directory holds neither manifest.json (an edgellm export) nor config.json (Hugging Face)"
         )
