@@ -18,3 +18,9 @@ setup-dev:
 
 lint: setup-dev
 	.venv/bin/ruff check edgellm tests
+
+# Side-by-side benchmark against llama.cpp (not part of the tests): default lossless export, 2 threads.
+bench: setup-dev
+	mkdir -p bench_results
+	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 5 --json bench_results/ort_vs_llamacpp.json
+	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 3 --plan lossless-exact --json bench_results/ort_exact_vs_llamacpp.json

@@ -40,8 +40,19 @@ def run(engine: str, model_path: str, threads: int, prompt: list[int], n_decode:
         decode_s = time.perf_counter() - t
         runs.append({"ttft_ms": prefill_s * 1e3, "prefill_tok_s": len(prompt) / prefill_s,
                      "decode_tok_s": n_decode / decode_s})
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"engine": engine, "load_s": load_s, "runs": runs, "peak_rss_mb": peak_kb / 1024}
+    return {"engine": engine, "load_s": load_s, "runs": runs, "peak_rss_mb": peak_rss_kb() / 1024}
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set: VmHWM (reset by exec, unlike ru_maxrss, which a child inherits)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main(argv: list[str] | None = None) -> int:
