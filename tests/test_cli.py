@@ -79,7 +79,7 @@ def test_generate_on_a_tiny_gguf(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("info", "/no/such/model.gguf"), "no such model"),
-    (("generate", "-p", "hi", "--backend", "nope"), "valid backends: llama.cpp, reference"),
+    (("generate", "-p", "hi", "--backend", "nope"), "valid backends: llama.cpp, onnxruntime, reference"),
     (("eval", "ppl", "--text-file", "/no/such.txt", "--json"), "No such file"),
     (("generate", "-p", "hi", "--top-p", "0"), "top_p"),
     (("info", "unknown-model-id"), "valid models"),

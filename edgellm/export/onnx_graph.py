@@ -196,6 +196,11 @@ def build_llama_graph(cfg: ModelConfig, norms: Mapping[str, np.ndarray], linears
     return b.model("edgellm_llama", OPSET)
 
 
+# x, residual ─► SkipSimplifiedLayerNorm(attn_norm) ─► linear(QKV fused) ─► GroupQueryAttention ─► linear(o)
+#                        │ residual + x                                                            │
+#                        └──────────────► SkipSimplifiedLayerNorm(ffn_norm) ◄─────────────────────┘
+#                                           │ normed              └─► residual (to the next layer)
+#                                           └─► linear(gate|up fused) ─► SwiGLU ─► linear(down) ─► x (next layer)
 def _block(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, residual: str | None,
            norms: Mapping[str, np.ndarray], linears: Mapping[str, Weight], seqlens: str, total: str,
            cos: str, sin: str, options: LoweringOptions) -> tuple[str, str]:
