@@ -3,8 +3,10 @@
 Formats:
   auto  keep the source's blocks when a lossless form exists (GGUF Q4_0/Q4_1/Q8_0), else fp32
   fp32  dense float32
-  int8  8-bit symmetric round-to-nearest, blocks of 32
-  int4  4-bit asymmetric round-to-nearest, blocks of 32 (min/scale per block, exact offset path)
+  int8      8-bit symmetric round-to-nearest, blocks of 32
+  int4      4-bit asymmetric round-to-nearest, blocks of 32 (min/scale per block, exact offset path)
+  int4-sym  4-bit symmetric round-to-nearest, blocks of 32 (no offset: the cheapest 4-bit graph)
+  int2      2-bit asymmetric round-to-nearest, blocks of 32 (offset path)
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from pathlib import Path
 
 from edgellm.errors import ConfigError
 
-FORMATS = ("auto", "fp32", "int8", "int4")
+FORMATS = ("auto", "fp32", "int8", "int4", "int4-sym", "int2")
+# (bits, symmetric) of each round-to-nearest format
+RTN_FORMATS: dict[str, tuple[int, bool]] = {"int8": (8, True), "int4": (4, False), "int4-sym": (4, True),
+                                             "int2": (2, False)}
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,18 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         return q
     if bits == 4:
         return (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
-    raise ConfigError(f"MatMulNBits packing supports 4 and 8 bits here, not {bits}")
+    if bits == 2:
+        return (q[..., 0::4] & 3) | ((q[..., 1::4] & 3) << 2) | ((q[..., 2::4] & 3) << 4) | ((q[..., 3::4] & 3) << 6)
+    raise ConfigError(f"MatMulNBits packing supports 2, 4 and 8 bits, not {bits}")
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return packed.astype(np.uint8)
-    lo, hi = packed & 0x0F, packed >> 4
-    return np.stack((lo, hi), axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
 def _blocks(tensor: WeightTensor, bytes_per_block: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm import __version__
-from edgellm.compress.plan import CompressionPlan
+from edgellm.compress.plan import RTN_FORMATS, CompressionPlan
 from edgellm.errors import ConfigError
 from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn
 from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph
@@ -42,12 +42,10 @@ def prepare_weight(tensor: WeightTensor, fmt: str) -> tuple[Weight, str]:
     values = tensor.to_float()
     if fmt == "fp32":
         return np.ascontiguousarray(values, dtype=np.float32), f"fp32 from {tensor.qtype}"
-    if fmt == "int8":
-        bq = quantize_rtn(values, 8, symmetric=True)
-    elif fmt == "int4":
-        bq = quantize_rtn(values, 4, symmetric=False)
-    else:
-        raise ConfigError(f"unknown format {fmt!r} for {tensor.name}")
+    if fmt not in RTN_FORMATS:
+        raise ConfigError(f"unknown format {fmt!r} for {tensor.name}; valid: fp32, auto, {', '.join(RTN_FORMATS)}")
+    bits, symmetric = RTN_FORMATS[fmt]
+    bq = quantize_rtn(values, bits, symmetric=symmetric)
     return bq, f"{bq.source} from {tensor.qtype}"
 
 
