@@ -1,0 +1,121 @@
+"""Per-unit quality cost of each format, measured: KL(original || quantized) on calibration text when
+only that unit is quantized. The allocator adds these up (the usual independence assumption).
+
+Layers before the unit are unchanged, so their output is cached once and each measurement runs only
+the layers from the unit on. Results are cached as JSON keyed by model, formats and calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.compress.units import Unit, units
+from edgellm.errors import ConfigError
+from edgellm.model.description import ModelDescription
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    calibration: str = "asyoulik.txt"  # a Canterbury file; evaluation uses alice29.txt
+    tokens: int = 512
+    window: int = 256
+    formats: tuple[str, ...] = ("int8", "int4", "int4-sym", "int2")
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.window or self.window < 2:
+            raise ConfigError(f"need tokens >= window >= 2, found tokens={self.tokens} window={self.window}")
+
+
+@dataclass
+class SensitivityTable:
+    """unit name -> format -> mean KL per token (nats)."""
+
+    model: str
+    config: dict
+    kl: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> SensitivityTable:
+        return cls(**json.loads(path.read_text()))
+
+
+def cache_key(description: ModelDescription, config: SensitivityConfig) -> str:
+    h = hashlib.sha256(f"{description.source}:{description.source.stat().st_size}".encode())
+    h.update(json.dumps(asdict(config), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def calibration_ids(tokenizer, config: SensitivityConfig) -> list[int]:
+    from edgellm.corpus import canterbury_path
+
+    ids = tokenizer.encode(canterbury_path(config.calibration).read_bytes().decode("utf-8"))
+    if len(ids) < config.tokens:
+        raise ConfigError(f"{config.calibration} has {len(ids)} tokens, fewer than the {config.tokens} asked for")
+    return ids[: config.tokens]
+
+
+def measure_sensitivity(description: ModelDescription, token_ids: Sequence[int], config: SensitivityConfig,
+                        progress: bool = False, only: Sequence[Unit] | None = None) -> SensitivityTable:
+    import torch
+
+    from edgellm.export.onnx_export import prepare_weight
+    from edgellm.model.llama import KVCache, LlamaModel
+
+    model = LlamaModel(description)
+    cfg = model.config
+    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+    windows = [ids[s:s + config.window] for s in range(0, len(ids) - config.window + 1, config.window)]
+
+    def run_from(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        cache = KVCache.allocate(cfg, layer, cfg.n_layers, hidden.shape[0])
+        out = model.run_layers(hidden, cache, layer, cfg.n_layers)
+        return torch.log_softmax(model.head(out), dim=-1)
+
+    inputs: list[list[torch.Tensor]] = []  # per window, the hidden state entering each layer
+    base: list[torch.Tensor] = []
+    with torch.no_grad():
+        for w in windows:
+            h = model.embed(w)
+            per_layer = []
+            for i in range(cfg.n_layers):
+                per_layer.append(h)
+                h = model.run_layers(h, KVCache.allocate(cfg, i, i + 1, len(w)), i, i + 1)
+            inputs.append(per_layer)
+            base.append(torch.log_softmax(model.head(h), dim=-1))
+    todo = list(only) if only is not None else units(cfg)
+    table = SensitivityTable(model=str(description.source), config=asdict(config))
+    jobs = [(u, f) for u in todo for f in config.formats]
+    iterator = jobs
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(jobs, desc="sensitivity", unit="unit x format")
+    for unit, fmt in iterator:
+        saved = {}
+        for member in unit.members:
+            role = member.split(".", 2)[2]
+            weight, _ = prepare_weight(description.weights[f"{member}.weight"], fmt)
+            values = weight if isinstance(weight, np.ndarray) else weight.dequantize()
+            saved[role] = model.layers[unit.layer][role]
+            model.layers[unit.layer][role] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        kl = 0.0
+        with torch.no_grad():
+            for w_inputs, w_base in zip(inputs, base, strict=True):
+                logq = run_from(unit.layer, w_inputs[unit.layer])
+                kl += float((w_base.exp() * (w_base - logq)).sum(-1).mean())
+        model.layers[unit.layer].update(saved)
+        table.kl.setdefault(unit.name, {})[fmt] = kl / len(windows)
+    return table
+

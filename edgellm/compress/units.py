@@ -1,0 +1,66 @@
+"""Allocation units: the groups of linear layers that must share one format.
+
+The ONNX lowering fuses Q/K/V and gate/up into single matmuls, so a plan that gave them different
+formats would lose the fusion. The allocator therefore chooses one format per unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgellm.model.config import ModelConfig
+
+# unit role -> (member roles, input features, output features) as functions of the config
+UNIT_ROLES: dict[str, tuple[str, ...]] = {
+    "attn_qkv": ("attn_q", "attn_k", "attn_v"),
+    "attn_output": ("attn_output",),
+    "ffn_gate_up": ("ffn_gate", "ffn_up"),
+    "ffn_down": ("ffn_down",),
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # e.g. "blk.3.attn_qkv"
+    layer: int
+    role: str
+    members: tuple[str, ...]  # linear names, e.g. ("blk.3.attn_q", "blk.3.attn_k", "blk.3.attn_v")
+    k: int
+    n: int
+
+    @property
+    def n_weights(self) -> int:
+        return self.k * self.n
+
+
+def units(config: ModelConfig) -> list[Unit]:
+    shapes = {
+        "attn_qkv": (config.hidden_size, config.q_size + 2 * config.kv_size),
+        "attn_output": (config.q_size, config.hidden_size),
+        "ffn_gate_up": (config.hidden_size, 2 * config.ffn_size),
+        "ffn_down": (config.ffn_size, config.hidden_size),
+    }
+    out = []
+    for i in range(config.n_layers):
+        for role, members in UNIT_ROLES.items():
+            k, n = shapes[role]
+            out.append(Unit(f"blk.{i}.{role}", i, role, tuple(f"blk.{i}.{m}" for m in members), k, n))
+    return out
+
+
+def format_bytes(fmt: str, k: int, n: int, block: int = 32) -> int:
+    """Bytes one K x N linear takes in the exported graph (packed weights + fp32 scales/offsets)."""
+    blocks = k * n // block
+    table = {
+        "fp32": 4 * k * n,
+        "int8": k * n + 4 * blocks,
+        "int4": k * n // 2 + 8 * blocks,  # scale + offset per block (also Q4_1's lossless transcode)
+        "auto": k * n // 2 + 8 * blocks,
+        "int4-sym": k * n // 2 + 4 * blocks,
+        "int2": k * n // 4 + 8 * blocks,
+    }
+    if fmt not in table:
+        from edgellm.errors import ConfigError
+
+        raise ConfigError(f"no size rule for format {fmt!r}; valid: {', '.join(table)}")
+    return table[fmt]
