@@ -47,6 +47,10 @@ class ContextOverflowError(EdgeLLMError, ValueError):
     """More tokens were requested than the model's or session's context holds."""
 
 
+class BenchmarkError(EdgeLLMError, RuntimeError):
+    """A benchmark run could not produce a measurement (a worker failed)."""
+
+
 class DataUnavailableError(EdgeLLMError, FileNotFoundError):
     """An evaluation or calibration file could not be found or fetched."""
 
@@ -54,7 +58,8 @@ class DataUnavailableError(EdgeLLMError, FileNotFoundError):
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> UnknownNameError:
     """Build the error for an unregistered name, listing what would have worked."""
     options = ", ".join(sorted(valid)) or "(none registered)"
-    return UnknownNameError(f"unknown {kind} {name!r}; valid {kind}s: {options}")
+    plural = kind + ("es" if kind.endswith("s") else "s")
+    return UnknownNameError(f"unknown {kind} {name!r}; valid {plural}: {options}")
 
 
 def missing_extra(package: str, extra: str) -> BackendUnavailableError:

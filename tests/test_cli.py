@@ -83,6 +83,9 @@ def test_generate_on_a_tiny_gguf(tmp_path):
     (("eval", "ppl", "--text-file", "/no/such.txt", "--json"), "No such file"),
     (("generate", "-p", "hi", "--top-p", "0"), "top_p"),
     (("info", "unknown-model-id"), "valid models"),
+    (("generate", "-p", "hi", "--seed", "-1"), "seed must be >= 0"),
+    (("generate", "-p", "hi", "--threads", "0"), "expected a positive integer"),
+    (("bench", "--n-prompt", "9000", "--ppl-tokens", "0"), "exceed the model's context"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(args, message):
     proc = edgellm(*args, check=False)
@@ -100,7 +103,7 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path):
 
 def test_help_everywhere():
     for cmd in (["--help"], ["info", "--help"], ["generate", "--help"], ["eval", "ppl", "--help"], ["chat", "--help"],
-                ["tokenize", "--help"]):
+                ["tokenize", "--help"], ["export", "onnx", "--help"], ["bench", "--help"], ["compress", "--help"]):
         assert edgellm(*cmd).stdout.startswith("usage: edgellm")
 
 

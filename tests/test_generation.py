@@ -122,3 +122,9 @@ def test_llamacpp_streams_through_the_same_api(llamacpp, tokenizer):
     events = list(generate(llamacpp.open_session(max_tokens=64), tokenizer,
                            tokenizer.encode("The capital of France is"), greedy(8, stop_at_eos=False)))
     assert "Paris" in "".join(e.text for e in events)
+
+
+@pytest.mark.parametrize("bad", [dict(seed=-1), dict(temperature=float("nan")), dict(top_p=float("inf"))])
+def test_non_finite_or_negative_values_are_rejected(bad):
+    with pytest.raises(ConfigError):
+        SamplingConfig(**bad)

@@ -56,3 +56,11 @@ def test_perplexity_matches_a_direct_numpy_computation(reference, alice_ids):
 def test_windowing_with_a_shorter_tail(reference, alice_ids):
     result = perplexity(reference, alice_ids[:70], window=32)
     assert result.n_windows == 3 and result.n_predictions == 31 + 31 + 5
+
+
+def test_overlapping_windows_score_every_token_once(reference, alice_ids):
+    """stride < window: later windows score only the tokens the previous window did not."""
+    ids = alice_ids[:113]
+    result = perplexity(reference, ids, window=64, stride=48)
+    assert result.n_predictions == len(ids) - 1
+    assert all(np.isfinite(result.window_ppl))

@@ -54,7 +54,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int]]:
 def perplexity(backend: Backend, token_ids: Sequence[int], window: int = 512, stride: int | None = None,
                progress: bool = False) -> PerplexityResult:
     """Perplexity of `token_ids` under `backend`, windows of `window` tokens every `stride` tokens."""
-    stride = stride or window
+    stride = window if stride is None else stride
     if window < 2 or stride < 1 or stride > window:
         raise ConfigError(f"need window >= 2 and 1 <= stride <= window, found window={window} stride={stride}")
     ids = np.asarray(token_ids, dtype=np.int64)
@@ -73,7 +73,7 @@ def perplexity(backend: Backend, token_ids: Sequence[int], window: int = 512, st
         chunk = ids[start:end]
         logits = session.forward(chunk, all_logits=True)  # (T, vocab)
         # With stride < window, only tokens not scored by the previous window count.
-        first = 0 if start == 0 or stride == window else window - stride
+        first = 0 if start == 0 or stride == window else window - stride - 1
         lp = token_log_probs(logits[first:-1], chunk[first + 1:])
         nll_sum -= float(lp.sum())
         count += len(lp)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgellm.errors import ConfigError
+from edgellm.errors import BenchmarkError, ConfigError
 
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s")
 HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s": True, "ttft_ms": False, "peak_rss_mb": False,
@@ -39,6 +39,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if min(self.threads, self.n_prompt, self.n_decode, self.rounds, self.reps) < 1:
             raise ConfigError("threads, n_prompt, n_decode, rounds and reps must all be >= 1")
+        if self.ppl_tokens < 0:
+            raise ConfigError(f"ppl_tokens must be >= 0 (0 skips perplexity), found {self.ppl_tokens}")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ def _run_worker(engine: Engine, config: BenchConfig, prompt_file: str) -> dict:
            "--reps", str(config.reps)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{engine.label} worker failed: {done.stderr.strip()[-500:]}")
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BenchmarkError(f"{engine.label} benchmark worker failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

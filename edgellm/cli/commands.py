@@ -97,7 +97,22 @@ def _backend(args: argparse.Namespace, model, **options):
     if args.backend is None:
         args.backend = str(model.metadata.get("backend", "reference"))
     backend_class(args.backend)  # an unknown name fails here, listing the valid ones
+    if "plan" in model.metadata:  # a compressed directory: run the weights its plan produces
+        if args.backend != "reference":
+            raise ConfigError(f"{args.backend} cannot run a compressed directory's plan; use --backend reference "
+                              f"or export it first: edgellm export onnx {model.metadata.get('path', 'DIR')} -o OUT")
+        from edgellm.export.onnx_export import effective_description
+
+        model = effective_description(model, model.metadata["plan"])
     return create_backend(args.backend, model, threads=args.threads, **options)
+
+
+def _plan(args: argparse.Namespace, model):
+    from edgellm.compress.plan import resolve_plan
+
+    if args.plan is None and "plan" in model.metadata:
+        return model.metadata["plan"]
+    return resolve_plan(args.plan)
 
 
 def _generation_config(args: argparse.Namespace):
@@ -207,11 +222,10 @@ def eval_ppl(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from edgellm.compress.plan import resolve_plan
     from edgellm.export.onnx_export import export_onnx
 
-    plan = resolve_plan(args.plan)
     model = _load(args)
+    plan = _plan(args, model)
     out = export_onnx(model, args.output, plan, overwrite=args.force, progress=True)
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
@@ -223,19 +237,25 @@ def bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from edgellm.bench.speed import BenchConfig, Engine, format_table, run_bench
-    from edgellm.compress.plan import resolve_plan
     from edgellm.export.onnx_export import export_onnx
     from edgellm.model.loader import load_model
 
     config = BenchConfig(threads=args.threads, n_prompt=args.n_prompt, n_decode=args.n_decode, rounds=args.rounds,
                          reps=args.reps, ppl_tokens=args.ppl_tokens)
     model = _load(args)
+    if args.n_prompt + args.n_decode + 1 > model.config.context_length:
+        raise ConfigError(f"--n-prompt {args.n_prompt} + --n-decode {args.n_decode} exceed the model's context "
+                          f"of {model.config.context_length}")
     with tempfile.TemporaryDirectory(prefix="edgellm-bench-") as tmp:
         if "artifact" in model.metadata:
-            art_dir, gguf = Path(model.source), Path(model.metadata["artifact"]["model"]["source"])
+            art_dir = Path(model.source)
+            gguf = Path(str(model.metadata["artifact"].get("model", {}).get("source", "")))
         else:
             gguf = Path(model.source)
-            art_dir = export_onnx(model, Path(tmp) / "onnx", resolve_plan(args.plan), progress=True)
+        if args.vs == "llama.cpp" and not (gguf.is_file() and gguf.suffix.lower() == ".gguf"):
+            raise ConfigError(f"--vs llama.cpp needs the model's GGUF file; {gguf or '(none recorded)'} is not one")
+        if "artifact" not in model.metadata:
+            art_dir = export_onnx(model, Path(tmp) / "onnx", _plan(args, model), progress=True)
         art_files = tuple(p for p in art_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
         engines = [Engine("edgellm-ort", "onnxruntime", str(art_dir), art_files)]
         if args.vs == "llama.cpp":
@@ -258,8 +278,65 @@ def bench(args: argparse.Namespace) -> int:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(out.name + ".tmp")
-        tmp_out.write_text(json.dumps(result, indent=2))
-        tmp_out.replace(out)
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as fh:
+            fh.write(json.dumps(result, indent=2))
+        Path(fh.name).replace(out)
         print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def compress(args: argparse.Namespace) -> int:
+    from edgellm.compress.passes import CompressState
+    from edgellm.compress.pipeline import run_recipe, write_compressed
+    from edgellm.compress.plan import CompressionPlan
+    from edgellm.compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    model = _load(args)
+    state = CompressState(model=model, plan=CompressionPlan(), seed=recipe.seed, progress=True,
+                          cache_dir=Path(args.cache_dir) if args.cache_dir else _default_cache())
+    if args.budget_mb is not None:
+        state.budget_bytes = int(args.budget_mb * 2**20) - _fixed_bytes(model.config)
+        if state.budget_bytes <= 0:
+            raise ConfigError(f"--budget-mb {args.budget_mb} does not even hold the embedding and lm_head "
+                              f"({_fixed_bytes(model.config) / 2**20:.1f} MB)")
+    if args.target is not None:
+        _attach_target(state, args)
+    elif args.budget_ms_per_token is not None:
+        raise ConfigError("--budget-ms-per-token needs --target (its measured cost table gives the latencies)")
+    run_recipe(state, recipe)
+    out = write_compressed(state, recipe, args.output, overwrite=args.force)
+    report = state.report.get("allocate")
+    if report:
+        print(f"plan: {report['format_counts']}  predicted KL {report['predicted_kl']:.4f}  "
+              f"linear {report['linear_bytes'] / 2**20:.1f} MB, {report['linear_us'] / 1e3:.2f} ms/token")
+    print(f"wrote {out} (export it with: edgellm export onnx {out} -o OUT)")
+    return 0
+
+
+def _default_cache() -> Path:
+    import os
+
+    return Path(os.environ.get("EDGELLM_CACHE") or Path.home() / ".cache" / "edgellm") / "sensitivity"
+
+
+def _fixed_bytes(cfg) -> int:
+    """What every plan keeps: Q8_0 embedding gather + 8-bit lm_head, rope tables, norms."""
+    blocks = cfg.vocab_size * cfg.hidden_size // 32
+    q8 = cfg.vocab_size * cfg.hidden_size + 4 * blocks
+    return 2 * q8 + 2 * cfg.context_length * cfg.head_dim // 2 * 4 + (2 * cfg.n_layers + 1) * cfg.hidden_size * 4
+
+
+def _attach_target(state, args) -> None:
+    from edgellm.compress.target import load_target
+
+    target = load_target(args.target)
+    table = target.load_cost_table()
+    state.cost_us = lambda unit, fmt: table.cost_us(unit.k, unit.n, "int4" if fmt == "auto" else fmt)
+    if args.budget_ms_per_token is not None:
+        cfg = state.model.config
+        fixed = table.overhead_us + table.cost_us(cfg.hidden_size, cfg.vocab_size, "int8")
+        state.budget_us = args.budget_ms_per_token * 1e3 - fixed
+        if state.budget_us <= 0:
+            raise ConfigError(f"--budget-ms-per-token {args.budget_ms_per_token} is below the fixed cost of "
+                              f"{fixed / 1e3:.2f} ms/token on {args.target} (attention, norms, lm_head)")

@@ -12,6 +12,23 @@ from edgellm.errors import EdgeLLMError
 MODEL_HELP = "model: a .gguf file, a Hugging Face directory, or a model id (default: smollm2-135m-instruct)"
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes print one line (the same shape as every other edgellm error) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"edgellm: error: {self.prog}: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
+    return value
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
 
@@ -22,7 +39,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, metavar="NAME",
                    help=f"engine to run on: {', '.join(backend_names())} (default: the one an exported "
                         "directory's manifest names, else reference)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -39,7 +56,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="edgellm", description="Run generative LLMs well on small hardware.",
         epilog="Run 'edgellm COMMAND --help' for a command's options.",
     )
@@ -97,15 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "activations), lossless-exact (fp32 activations), fp32, int8, int4")
     x.add_argument("--force", action="store_true", help="replace DIR if it exists")
 
+    p = sub.add_parser("compress", help="run a compression recipe; writes a compressed model + plan")
+    _add_model(p)
+    p.add_argument("--recipe", required=True, help="a recipe TOML file or a name in models/recipes/")
+    p.add_argument("--target", default=None, help="a targets/ entry whose measured costs drive the allocator")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-mb", type=float, default=None, help="model size budget in MB (whole export)")
+    budget.add_argument("--budget-ms-per-token", type=float, default=None,
+                        help="decode latency budget on --target, ms per token")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="compressed model directory")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--cache-dir", default=None, help="where measured sensitivities are cached")
+
     p = sub.add_parser("bench", help="speed, memory and perplexity beside llama.cpp (same model, threads, prompt)")
     _add_model(p)
     p.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"], help="comparison engine")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--plan", default=None, help="export plan when MODEL is not already an export")
-    p.add_argument("--n-prompt", type=int, default=128, help="prompt tokens (prefill)")
-    p.add_argument("--n-decode", type=int, default=128, help="generated tokens (decode)")
-    p.add_argument("--rounds", type=int, default=3, help="fresh processes per engine, interleaved")
-    p.add_argument("--reps", type=int, default=2, help="timed runs per process")
+    p.add_argument("--n-prompt", type=_positive_int, default=128, help="prompt tokens (prefill)")
+    p.add_argument("--n-decode", type=_positive_int, default=128, help="generated tokens (decode)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="fresh processes per engine, interleaved")
+    p.add_argument("--reps", type=_positive_int, default=2, help="timed runs per process")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="alice29 tokens for perplexity (0 skips)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the result JSON here")
     return parser
@@ -118,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "info": commands.info, "tokenize": commands.tokenize, "generate": commands.generate,
         "chat": commands.chat, "eval": commands.eval_ppl, "export": commands.export,
-        "bench": commands.bench,
+        "bench": commands.bench, "compress": commands.compress,
     }[args.command]
     try:
         return handler(args) or 0

@@ -36,11 +36,14 @@ class CompressionPlan:
     name: str = "lossless-transcode"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"plan {self.name}: overrides must map layer patterns to formats, "
+                              f"found {type(self.overrides).__name__}")
         for where, fmt in [("default", self.default), ("lm_head", self.lm_head), *self.overrides.items()]:
             if fmt not in FORMATS:
                 raise ConfigError(f"plan {self.name}: format {fmt!r} for {where} is unknown; valid: {', '.join(FORMATS)}")
         for key in ("accuracy_level", "lm_head_accuracy_level"):
-            if getattr(self, key) not in (0, 1, 2, 3, 4):
+            if type(getattr(self, key)) is not int or getattr(self, key) not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"plan {self.name}: {key} must be 0-4, found {getattr(self, key)}")
 
     def format_for(self, layer: str) -> str:

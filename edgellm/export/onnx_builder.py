@@ -5,8 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+from edgellm.errors import missing_extra
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise missing_extra("onnx", "ort") from exc
 
 MS_DOMAIN = "com.microsoft"
 

@@ -142,7 +142,7 @@ def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers
         "format_version": 1,
         "backend": "onnxruntime",
         "edgellm_version": __version__,
-        "model": {"name": description.config.name, "source": str(description.source),
+        "model": {"name": description.config.name, "source": str(Path(description.source).resolve()),
                   "source_type": description.file_type},
         "config": description.config.to_dict(),
         "file_type": description.file_type,

@@ -21,8 +21,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
+from edgellm.errors import missing_extra
+
+try:
+    import onnx
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise missing_extra("onnx", "ort") from exc
+
+from edgellm.errors import ConfigError
 from edgellm.export.block_formats import BlockQuantized
 from edgellm.export.onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgellm.model.config import ModelConfig
@@ -37,7 +44,14 @@ class LoweringOptions:
     lm_head_accuracy_level: int = 4
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
-    offset_sums: str = "reducesum"  # block sums of x: "reducesum" (Reshape+ReduceSum) or "matmul" (x @ E)
+    offset_sums: str = "reducesum"  # block sums of x: "reducesum", "matmul" (x @ E), "einsum"; "drop" = ablation
+
+    def __post_init__(self) -> None:
+        if self.offset_sums not in ("reducesum", "matmul", "einsum", "drop"):
+            raise ConfigError(f"offset_sums {self.offset_sums!r} unknown; valid: reducesum, matmul, einsum, drop")
+        for key in ("accuracy_level", "lm_head_accuracy_level"):
+            if getattr(self, key) not in (0, 1, 2, 3, 4):
+                raise ConfigError(f"{key} must be 0-4, found {getattr(self, key)}")
 
 
 def _concat_weights(parts: list[Weight]) -> Weight | None:
@@ -109,13 +123,13 @@ def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
     rows = b.op1("Gather", [b.const("token_embd.q8", w.packed), ids], name="embed/rows")  # (B,S,nb,bs)
     values = b.op1("Cast", [rows], name="embed/cast", to=FLOAT)
     if w.bits != 8:
-        raise ValueError("quantized embeddings are gathered from 8-bit blocks only")
+        raise ConfigError(f"quantized embeddings are gathered from 8-bit blocks only, found {w.bits}-bit")
     centered = b.op1("Sub", [values, b.const("embed.zero_point", np.float32(w.zero_point))], name="embed/center")
     scales = b.op1("Gather", [b.const("token_embd.scales", w.scales), ids], name="embed/scales")  # (B,S,nb)
     scales = b.op1("Unsqueeze", [scales, b.const("axes_last", np.array([-1], np.int64))], name="embed/unsq")
     scaled = b.op1("Mul", [centered, scales], name="embed/scale")
     if w.block_offsets is not None:
-        raise ValueError("embedding blocks with offsets are not supported")
+        raise ConfigError("embedding blocks with offsets are not supported; use fp32 or a Q8_0 source")
     shape = b.const("shape_bs_hidden", np.array([0, 0, hidden], np.int64))
     return b.op1("Reshape", [scaled, shape], name="embed/reshape")
 

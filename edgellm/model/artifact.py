@@ -58,6 +58,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     for key in ("model", "external_data"):
         if not isinstance(manifest["graph"].get(key), str):
             raise ModelFormatError(f"{path}: manifest field graph.{key} should be a file name")
+    for key, kind in (("layers", dict), ("plan", dict), ("model", dict)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ModelFormatError(f"{path}: manifest field {key!r} should be a {kind.__name__}")
     return manifest
 
 
@@ -92,9 +95,11 @@ def tokenizer_from_dict(data: dict[str, Any]) -> TokenizerSpec:
     return TokenizerSpec(**args)
 
 
-def load_artifact(directory: Path) -> ModelDescription:
+def load_artifact(directory: Path, verify: bool = True) -> ModelDescription:
     """The description of an exported directory (config + tokenizer; weights live in the backend's files)."""
     manifest = read_manifest(directory)
+    if verify:
+        verify_files(directory, manifest)
     try:
         config = config_from_dict(manifest["config"])
     except (TypeError, ValueError) as exc:
@@ -103,9 +108,15 @@ def load_artifact(directory: Path) -> ModelDescription:
     spec_path = directory / TOKENIZER_SPEC
     if spec_path.is_file():
         try:
-            tokenizer = tokenizer_from_dict(json.loads(spec_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+            data = json.loads(spec_path.read_bytes().decode("utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"expected an object, found {type(data).__name__}")
+            tokenizer = tokenizer_from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{spec_path}: corrupt tokenizer ({exc})") from None
+        if len(tokenizer.token_types) != len(tokenizer.tokens):
+            raise ModelFormatError(f"{spec_path}: {len(tokenizer.tokens)} tokens but "
+                                   f"{len(tokenizer.token_types)} token types")
         if len(tokenizer.tokens) != config.vocab_size:
             raise ModelFormatError(
                 f"{spec_path}: tokenizer has {len(tokenizer.tokens)} tokens but the model's vocabulary is "
@@ -113,4 +124,4 @@ def load_artifact(directory: Path) -> ModelDescription:
             )
     return ModelDescription(config=config, weights=ModelWeights({}, source=str(directory)), tokenizer=tokenizer,
                             source=directory, file_type=manifest.get("file_type", ""),
-                            metadata={"artifact": manifest, "backend": manifest["backend"]})
+                            metadata={"artifact": manifest, "backend": manifest["backend"], "verified": verify})

@@ -38,7 +38,8 @@ class ModelCard:
         """Path of the model file, or an error that says how to install it."""
         src = self.source
         if src.get("kind") != "python-package":
-            raise ConfigError(f"model card {self.id}: source kind {src.get('kind')!r} unsupported")
+            raise ConfigError(f"model card {self.id}: source kind {src.get('kind')!r} unsupported; "
+                              "supported: python-package")
         spec = importlib.util.find_spec(src["module"])
         if spec is None or not spec.submodule_search_locations:
             raise ModelFormatError(

@@ -53,8 +53,10 @@ class ModelConfig:
         for key in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "ffn_size", "vocab_size",
                     "context_length"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if type(value) is not int or value <= 0:
                 raise ConfigError(f"model config field {key} must be a positive integer, found {value!r}")
+        if type(self.head_dim) is not int or self.head_dim < 0:
+            raise ConfigError(f"model config field head_dim must be a non-negative integer, found {self.head_dim!r}")
         if self.head_dim == 0:
             if self.hidden_size % self.n_heads:
                 raise ConfigError(

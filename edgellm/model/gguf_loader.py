@@ -416,6 +416,10 @@ def _config_from_fields(path: Path, fields: dict[str, Any], arch: str, tie_embed
     if vocab is None:
         raise ModelFormatError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
     scaling_type = str(fields.get(f"{arch}.rope.scaling.type") or "none")
+    if scaling_type not in ("none", "linear"):
+        raise UnsupportedArchitectureError(
+            f"{path}: rope scaling {scaling_type!r} is not supported; supported: none, linear"
+        )
     linear = scaling_type == "linear"
     try:
         scaling = RopeScaling(

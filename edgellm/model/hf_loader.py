@@ -304,6 +304,20 @@ def canonical_names(n_layers: int) -> dict[str, str]:
     return names
 
 
+def _stored_tensor_count(file: Path) -> int:
+    """Tensors in a safetensors header (8-byte little-endian length, then JSON); a damaged header
+    counts as unbounded here and is reported by the full reader."""
+    try:
+        with file.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if size > file.stat().st_size:
+                return 1 << 62
+            header = json.loads(fh.read(size))
+        return len([k for k in header if k != "__metadata__"])
+    except (OSError, ValueError):
+        return 1 << 62
+
+
 def _weight_files(path: Path) -> dict[Path, list[str] | None]:
     """Safetensors files -> the tensor names the index places there (None: single file, take all)."""
     if (path / WEIGHTS_FILE).is_file():
@@ -329,10 +343,16 @@ def _weight_files(path: Path) -> dict[Path, list[str] | None]:
 
 def _read_weights(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, WeightTensor], Counter]:
     n_layers = _int_field(path / CONFIG_FILE, cfg, "num_hidden_layers")
+    files = _weight_files(path)
+    n_stored = sum(len(names) if names is not None else _stored_tensor_count(file) for file, names in files.items())
+    if n_layers > n_stored:  # checked before building a name table that a corrupt count could make huge
+        raise MissingTensorError(
+            f"{path / CONFIG_FILE}: num_hidden_layers is {n_layers} but the checkpoint holds only {n_stored} tensors"
+        )
     wanted = canonical_names(n_layers)
     tensors: dict[str, WeightTensor] = {}
     counts: Counter = Counter()
-    for file, names in _weight_files(path).items():
+    for file, names in files.items():
         header, data = _open_safetensors(file)
         for hf in names if names is not None else list(header):
             if hf not in wanted:
@@ -399,7 +419,10 @@ def _tokenizer(path: Path, cfg: dict[str, Any], vocab_size: int) -> TokenizerSpe
         for source in (cfg, gen_cfg):
             value = source.get(f"{key}_token_id")
             if value is not None:
-                return int(value[0] if isinstance(value, list) and value else value)
+                value = value[0] if isinstance(value, list) and value else value
+                if type(value) is not int:
+                    raise ModelFormatError(f"{path}: {key}_token_id should be an integer, found {value!r}")
+                return value
         content = _token_content(tok_cfg.get(f"{key}_token"))
         return ids.get(content) if content is not None else None
 

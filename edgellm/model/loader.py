@@ -17,6 +17,10 @@ def load_model(spec: str | Path | None = None) -> ModelDescription:
 
         if is_artifact(path):
             return load_artifact(path)
+        if (path / "compressed.json").is_file():
+            from edgellm.compress.pipeline import load_compressed
+
+            return load_compressed(path)
         if (path / "config.json").is_file():
             from edgellm.model.hf_loader import load_hf_directory
 

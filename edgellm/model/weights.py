@@ -39,8 +39,9 @@ class WeightTensor:
         return self._float
 
     def release_float(self) -> None:
-        """Drop the cached float copy (it is 4-8x the size of a quantized tensor)."""
-        self._float = None
+        """Drop the cached float copy (it is 4-8x the size of a quantized tensor) when it can be rebuilt."""
+        if self._dequantize is not None:
+            self._float = None
 
     @classmethod
     def from_array(cls, name: str, values: np.ndarray) -> WeightTensor:

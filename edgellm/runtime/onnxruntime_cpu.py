@@ -112,6 +112,7 @@ class OrtBackend(Backend):
                 f"{description.source} is not an ONNX export; run: edgellm export onnx {description.source} -o DIR"
             )
         allowed = {k: v for k, v in options.items() if k in ("optimization", "verify", "profile_dir")}
+        allowed.setdefault("verify", not description.metadata.get("verified", False))  # checked once at load
         return cls(description.config, Path(description.source), threads=threads, **allowed)
 
     def _open(self, layers: LayerRange, max_tokens: int) -> Session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,11 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for key in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key} must be a finite number, found {getattr(self, key)}")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, found {self.seed}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, found {self.temperature}")
         if self.top_k < 0:

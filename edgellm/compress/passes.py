@@ -1,0 +1,115 @@
+"""The built-in compression passes. Each is small: read the state, change the plan or weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgellm.compress.plan import FORMATS, CompressionPlan
+from edgellm.compress.recipe import register_pass
+from edgellm.errors import ConfigError
+from edgellm.model.description import ModelDescription
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressState:
+    """What passes read and write: the model, the plan so far, the budget and target, and a report."""
+
+    model: ModelDescription
+    plan: CompressionPlan
+    seed: int = 0
+    budget_bytes: int | None = None
+    budget_us: float | None = None
+    cost_us: Any = None  # (Unit, format) -> microseconds, from the target's measured table
+    progress: bool = False
+    cache_dir: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    """Uniform round-to-nearest: every linear (and optionally the lm_head) in one format."""
+
+    format: str = "int4"
+    lm_head: str = "auto"
+    accuracy_level: int = 4
+
+    def __post_init__(self) -> None:
+        for value in (self.format, self.lm_head):
+            if value not in FORMATS:
+                raise ValueError(f"format {value!r} unknown; valid: {', '.join(FORMATS)}")
+
+
+@register_pass("quantize", QuantizeParams)
+def quantize(state: CompressState, p: QuantizeParams) -> None:
+    state.plan = CompressionPlan(default=p.format, lm_head=p.lm_head, accuracy_level=p.accuracy_level,
+                                 lm_head_accuracy_level=state.plan.lm_head_accuracy_level, name=f"rtn-{p.format}")
+    state.report["quantize"] = {"format": p.format, "lm_head": p.lm_head}
+
+
+@dataclass(frozen=True)
+class AllocateParams:
+    """Per-unit formats chosen against measured sensitivity and the target's measured costs."""
+
+    formats: tuple[str, ...] = ("auto", "int8", "int4-sym", "int2")
+    calibration: str = "asyoulik.txt"
+    tokens: int = 512
+    window: int = 256
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise ValueError(f"formats {bad or '(empty)'} invalid; valid: {', '.join(FORMATS)}")
+
+
+@register_pass("allocate", AllocateParams)
+def allocate_pass(state: CompressState, p: AllocateParams) -> None:
+    from edgellm.compress.allocator import Budget, allocate
+    from edgellm.compress.sensitivity import (
+        SensitivityConfig,
+        SensitivityTable,
+        cache_key,
+        calibration_ids,
+        measure_sensitivity,
+    )
+    from edgellm.compress.units import units
+    from edgellm.model.tokenizer import Tokenizer
+
+    if state.budget_bytes is None and state.budget_us is None:
+        raise ConfigError("the allocate pass needs a budget: --budget-mb or --budget-ms-per-token")
+    measured = tuple(f for f in p.formats if f != "auto")
+    config = SensitivityConfig(calibration=p.calibration, tokens=p.tokens, window=p.window, formats=measured)
+    table = None
+    cache = None
+    if state.cache_dir is not None:
+        cache = state.cache_dir / f"sensitivity-{cache_key(state.model, config)}.json"
+        if cache.is_file():
+            table = SensitivityTable.load(cache)
+    if table is None:
+        ids = calibration_ids(Tokenizer(state.model.tokenizer), config)
+        table = measure_sensitivity(state.model, ids, config, progress=state.progress)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            table.save(cache)
+    loss = {u: dict(v) for u, v in table.kl.items()}
+    lossless = _lossless_auto(state.model)
+    for u in loss:
+        if "auto" in p.formats:  # the source's own blocks: no change, no loss (when transcoded exactly)
+            loss[u]["auto"] = 0.0 if lossless else loss[u].get("int4", 0.0)
+    result = allocate(units(state.model.config), p.formats, loss,
+                      Budget(max_bytes=state.budget_bytes, max_us=state.budget_us), cost_us=state.cost_us)
+    state.plan = result.plan(state.plan, name="allocated")
+    state.report["allocate"] = {"solver": result.solver, "predicted_kl": result.loss, "linear_bytes": result.bytes,
+                                "linear_us": result.us, "choice": result.choice,
+                                "format_counts": {f: list(result.choice.values()).count(f) for f in p.formats}}
+
+
+def _lossless_auto(model: ModelDescription) -> bool:
+    from edgellm.export.block_formats import LOSSLESS_TRANSCODERS
+
+    return all(t.qtype in LOSSLESS_TRANSCODERS for n, t in model.weights.items() if n.startswith("blk.")
+               and n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                               "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")))

@@ -1,0 +1,85 @@
+"""Run a recipe's passes in order and write the compressed model directory.
+
+A compressed directory holds `compressed.json`: the source model (path, size, sha256), the recipe,
+the resulting plan and each pass's report. Weights stay in the source file while passes only choose
+formats; `edgellm export onnx DIR` applies the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from edgellm import __version__
+from edgellm.compress.passes import CompressState
+from edgellm.compress.plan import CompressionPlan
+from edgellm.compress.recipe import PASSES, Recipe
+from edgellm.errors import ConfigError, ModelFormatError
+from edgellm.model.artifact import sha256_file
+from edgellm.model.description import ModelDescription
+
+COMPRESSED_MANIFEST = "compressed.json"
+COMPRESSED_FORMAT = "edgellm-compressed"
+
+
+def run_recipe(state: CompressState, recipe: Recipe) -> CompressState:
+    for spec in recipe.passes:
+        _, fn = PASSES[spec.name]
+        fn(state, spec.params)
+    return state
+
+
+def write_compressed(state: CompressState, recipe: Recipe, out_dir: str | Path, overwrite: bool = False) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --force to replace it")
+    source = Path(state.model.source)
+    manifest = {
+        "format": COMPRESSED_FORMAT, "edgellm_version": __version__,
+        "source": {"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": sha256_file(source)},
+        "recipe": {"name": recipe.name, "seed": recipe.seed,
+                   "passes": [{"pass": s.name, **asdict(s.params)} for s in recipe.passes]},
+        "plan": state.plan.to_dict(),
+        "report": state.report,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "plan.json").write_text(json.dumps(state.plan.to_dict(), indent=2))
+        (tmp / COMPRESSED_MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def is_compressed(path: Path) -> bool:
+    return path.is_dir() and (path / COMPRESSED_MANIFEST).is_file()
+
+
+def load_compressed(path: Path, verify: bool = True) -> ModelDescription:
+    """The source model with the plan attached (metadata["plan"]), checked against its recorded checksum."""
+    from edgellm.model.loader import load_model
+
+    try:
+        manifest = json.loads((path / COMPRESSED_MANIFEST).read_text())
+        source = Path(manifest["source"]["path"])
+        plan = CompressionPlan.from_dict(manifest["plan"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelFormatError(f"{path / COMPRESSED_MANIFEST}: corrupt ({type(exc).__name__}: {exc})") from None
+    if not source.is_file():
+        raise ModelFormatError(f"{path}: its source model {source} is missing")
+    if verify and sha256_file(source) != manifest["source"]["sha256"]:
+        raise ModelFormatError(f"{path}: source model {source} changed since compression (sha256 mismatch)")
+    model = load_model(source)
+    model.metadata["plan"] = plan
+    model.metadata["compressed"] = manifest
+    return model

@@ -1,0 +1,89 @@
+"""Recipes, plans and the compress command: bad input lists valid options; plans flow into export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgellm.compress.plan import CompressionPlan
+from edgellm.compress.recipe import load_recipe, parse_recipe
+from edgellm.errors import ConfigError, UnknownNameError
+from tests.test_cli import edgellm
+
+
+def test_unknown_pass_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown pass 'prune-magic'; valid passes: allocate, quantize"):
+        parse_recipe({"name": "x", "passes": [{"pass": "prune-magic"}]}, "inline")
+
+
+def test_bad_parameter_names_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['bitz'\]; valid: accuracy_level, format, lm_head"):
+        parse_recipe({"name": "x", "passes": [{"pass": "quantize", "bitz": 3}]}, "inline")
+    with pytest.raises(ConfigError, match=r"format 'int3' unknown; valid: auto, fp32, int8"):
+        parse_recipe({"name": "x", "passes": [{"pass": "quantize", "format": "int3"}]}, "inline")
+    with pytest.raises(ConfigError, match="recipe field 'passes' is missing"):
+        parse_recipe({"name": "x"}, "inline")
+
+
+def test_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(UnknownNameError, match="valid recipes: haq-cpu-ort, rtn-int4"):
+        load_recipe("no-such-recipe")
+
+
+def test_shipped_recipes_parse():
+    assert load_recipe("rtn-int4").passes[0].params.format == "int4"
+    assert load_recipe("haq-cpu-ort").passes[0].name == "allocate"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"overrides": ["int4"]}, "overrides must map"),
+    ({"accuracy_level": True}, "accuracy_level must be 0-4"),
+    ({"default": "int3"}, "format 'int3' for default is unknown"),
+    ({"colour": "red"}, "unknown fields"),
+])
+def test_bad_plans(data, message, tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message):
+        CompressionPlan.load(path)
+
+
+def test_exporting_an_in_memory_description_twice_keeps_its_weights(model, tmp_path):
+    from edgellm.export.onnx_export import effective_description, export_onnx
+    from edgellm.model.loader import load_model
+    from tests.tiny_gguf import write_tiny_gguf
+
+    tiny = load_model(write_tiny_gguf(tmp_path / "t.gguf"))
+    eff = effective_description(tiny, CompressionPlan(default="int8", lm_head="fp32"))
+    export_onnx(eff, tmp_path / "a")
+    export_onnx(eff, tmp_path / "b")  # release_float must not have dropped in-memory weights
+    assert np.isfinite(eff.weights.float("blk.0.attn_q.weight")).all()
+
+
+def test_compress_then_export_then_eval(tmp_path):
+    comp = tmp_path / "comp"
+    edgellm("compress", "--recipe", "rtn-int4", "-o", str(comp))
+    manifest = json.loads((comp / "compressed.json").read_text())
+    assert manifest["plan"]["default"] == "int4" and len(manifest["source"]["sha256"]) == 64
+    ref = json.loads(edgellm("eval", "ppl", str(comp), "--max-tokens", "256", "--window", "128", "--json").stdout)
+    out = tmp_path / "onnx"
+    edgellm("export", "onnx", str(comp), "-o", str(out))
+    exported = json.loads((out / "manifest.json").read_text())
+    assert exported["plan"]["name"] == "rtn-int4"
+    assert set(exported["layers"][k] for k in exported["layers"] if k.startswith("blk.")) == {
+        "int4 RTN asymmetric from Q4_1"}
+    ort = json.loads(edgellm("eval", "ppl", str(out), "--max-tokens", "256", "--window", "128", "--json").stdout)
+    assert abs(ort["ppl"] / ref["ppl"] - 1) < 0.02  # int8 activations vs exact: within 2 %
+
+
+def test_compress_errors_are_one_line():
+    for args, message in [
+        (("compress", "--recipe", "haq-cpu-ort", "-o", "/tmp/never"), "needs a budget"),
+        (("compress", "--recipe", "rtn-int4", "--budget-ms-per-token", "5", "-o", "/tmp/never"), "needs --target"),
+        (("compress", "--recipe", "rtn-int4", "--budget-mb", "10", "-o", "/tmp/never"), "does not even hold"),
+    ]:
+        proc = edgellm(*args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
