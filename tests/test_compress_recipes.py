@@ -87,3 +87,45 @@ def test_compress_errors_are_one_line():
         proc = edgellm(*args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
             proc.stderr
+
+
+def _tiny_target(tmp_path, hidden=64, ffn=128, q=64, kv=32, vocab=None):
+    """A target whose cost table covers the tiny model's shapes (latency grows with bytes, int4-sym cheapest)."""
+    from edgellm.compress.target import TARGETS_DIR, CostEntry, CostTable
+
+    shapes = [(hidden, q + 2 * kv), (q, hidden), (hidden, 2 * ffn), (ffn, hidden)]
+    per_weight = {"fp32": 4.0, "int8": 1.2, "int4": 1.3, "int4-sym": 0.8, "int2": 1.3}
+    entries = {(k, n, f, 1): CostEntry(c * k * n / 1e3, c * k * n / 1e3, c * k * n / 1e3)
+               for k, n in shapes for f, c in per_weight.items()}
+    entries[(hidden, vocab, "int8", 1)] = CostEntry(5.0, 5.0, 5.0)
+    CostTable(target="tiny", entries=entries, machine={}, threads=2, ort_version="test", overhead_us=50.0) \
+        .save(tmp_path / "tiny.costs.json")
+    text = (TARGETS_DIR / "cpu-ort.toml").read_text().replace('name = "cpu-ort"', 'name = "tiny"') \
+        .replace('cost_table = "cpu-ort.costs.json"', 'cost_table = "tiny.costs.json"')
+    (tmp_path / "tiny.toml").write_text(text)
+    return tmp_path / "tiny.toml"
+
+
+def test_allocate_recipe_on_a_tiny_model_meets_size_and_latency_budgets(tmp_path):
+    from tests.tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_1")
+    from edgellm.model.loader import load_model
+
+    vocab = load_model(gguf).config.vocab_size
+    target = _tiny_target(tmp_path, vocab=vocab)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "t"\n[[passes]]\npass = "allocate"\nformats = ["auto", "int8", "int4-sym", "int2"]\n'
+                      'tokens = 256\nwindow = 128\n')
+    out = tmp_path / "c"
+    # linear layers of this model at int4-sym cost 0.8 us per 1000 weights; pick a budget between
+    # all-int4-sym and all-lossless so the allocator has to mix
+    n_weights = 2 * (64 * 128 + 64 * 64 + 64 * 256 + 128 * 64)
+    budget_ms = (50.0 + 5.0 + 1.0 * n_weights / 1e3) / 1e3
+    proc = edgellm("compress", str(gguf), "--recipe", str(recipe), "--target", str(target), "--budget-ms-per-token",
+                   f"{budget_ms:.6f}", "-o", str(out), "--cache-dir", str(tmp_path / "cache"))
+    report = json.loads((out / "compressed.json").read_text())["report"]["allocate"]
+    assert report["linear_us"] <= budget_ms * 1e3 - 55.0 + 1e-6
+    counts = report["format_counts"]
+    assert counts["int4-sym"] > 0 and sum(1 for c in counts.values() if c) >= 2, counts  # a mix, budget binds
+    assert "plan:" in proc.stdout

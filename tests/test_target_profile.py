@@ -93,9 +93,10 @@ def test_cost_table_round_trip_and_missing_entry(tmp_path):
         loaded.cost_us(64, 64, "int2")
     with pytest.raises(UnknownNameError, match=r"K=128, N=64.*measured \(K, N, M\): \(64, 64, 1\)"):
         loaded.cost_us(128, 64, "int4")
-    est = loaded.scaled(2.5, "board", "x2.5 of cpu-ort")
+    est = loaded.scaled(2.5, "board", "x2.5 of cpu-ort", machine={"machine": "aarch64"}, threads=4)
     assert est.estimated and est.cost_us(64, 64, "int4") == 5.0 and est.overhead_us == 250.0
-    assert est.extra["based_on"]["target"] == "cpu-ort"
+    assert (est.threads, est.machine["machine"], est.extra["based_on"]["threads"]) == (4, "aarch64", 2)
+    assert CostTable.load(est.save(tmp_path / "est.json")) == est
 
 
 def test_cost_table_save_is_atomic(tmp_path, monkeypatch):
@@ -145,12 +146,26 @@ def test_quick_profile_gives_positive_costs_for_every_entry():
     from edgellm.bench.layer_profile import format_table, profile_target
 
     table = profile_target(load_target("cpu-ort"), shapes={"a": (64, 64), "b": (128, 64)},
-                           formats=["fp32", "int8", "int4"], threads=1, repeats=3, progress=False, overhead=False)
+                           formats=["fp32", "int8", "int4"], threads=1, repeats=3, progress=False, overhead=False,
+                           working_set_mb=0.1)
     assert set(table.entries) == {(k, 64, f, 1) for k in (64, 128) for f in ("fp32", "int8", "int4")}
     for key, e in table.entries.items():
         assert 0 < e.p10_us <= e.median_us <= e.p90_us, (key, e)
     assert not table.estimated and table.threads == 1 and table.ort_version and table.overhead_us is None
+    assert table.extra["copies"]["64x64 fp32 M=1"] == 7  # ceil(0.1 MB / 16 KB) copies, each its own weights
+    assert table.extra["copies"]["128x64 int4 M=1"] > table.extra["copies"]["128x64 int8 M=1"] > 7
     assert "128 x 64" in format_table(table)
+
+
+def test_copies_and_working_sets():
+    from edgellm.bench.layer_profile import MAX_COPIES, MAX_COPIES_PREFILL, model_working_sets_mb, n_copies
+
+    assert n_copies(2**20, 1, 64) == 64 and n_copies(2**20, 1, 0) == 1
+    assert n_copies(100, 1, 64) == MAX_COPIES and n_copies(100, 128, 64) == MAX_COPIES_PREFILL
+    assert n_copies(113 * 2**20, 1, 400) == 1  # the fp32 lm_head already streams from memory
+    sets = model_working_sets_mb()  # SmolLM2: 30 layers x 3.54 M block weights
+    assert sets["fp32"] == pytest.approx(30 * 3_538_944 * 4 / 2**20)
+    assert sets["fp32"] > sets["int8"] > sets["int4"] > sets["int4-sym"] > sets["int2"]
 
 
 def test_profile_measures_overhead_on_a_tiny_model(tmp_path):
@@ -159,7 +174,8 @@ def test_profile_measures_overhead_on_a_tiny_model(tmp_path):
 
     tiny = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_1", embd_qtype="Q8_0")  # the default model's types
     shapes = linear_shapes(load_model(tiny).config)
-    table = profile_target(load_target("cpu-ort"), shapes=shapes, threads=1, repeats=3, progress=False, model=tiny)
+    table = profile_target(load_target("cpu-ort"), shapes=shapes, threads=1, repeats=3, progress=False, model=tiny,
+                           working_set_mb=0)
     assert len(table.entries) == 4 * 5 + 2  # every linear format for 4 roles, fp32/int8 for the lm_head
     info = table.extra["overhead"]
     assert info["linears"] == {"int4": 2 * 4, "int8": 1}, info  # Q4_1 runs the int4 graph, Q8_0 the int8 one
@@ -192,7 +208,8 @@ def test_profile_cli_parser_and_unknown_target():
                               "7", "--prefill"])
     assert (args.command, args.target, args.output, args.threads, args.repeats, args.prefill) == \
         ("profile", "cpu-ort", "x.json", 2, 7, True)
-    assert parser.parse_args(["profile", "--target", "cpu-ort"]).output is None
+    defaults = parser.parse_args(["profile", "--target", "cpu-ort"])
+    assert (defaults.output, defaults.threads, defaults.working_set_mb, defaults.no_overhead) == (None, None, None, False)
     with pytest.raises(SystemExit):
         parser.parse_args(["profile"])  # --target is required
     with pytest.raises(UnknownNameError, match="valid targets: cpu-ort, rpi5-cortex-a76-ort"):
@@ -204,7 +221,7 @@ def test_profile_cli_parser_and_unknown_target():
 @pytest.mark.parametrize("name", ["cpu-ort", "rpi5-cortex-a76-ort"])
 def test_committed_cost_table_covers_the_default_model(name, model):
     target = load_target(name)
-    table = target.load_costs()
+    table = target.load_cost_table()
     assert table.target == name and table.accuracy_level == target.accuracy_level
     for role, (k, n) in linear_shapes(model.config).items():
         for fmt in target.formats["lm_head" if role == "lm_head" else "linear"]:
@@ -214,3 +231,18 @@ def test_committed_cost_table_covers_the_default_model(name, model):
         assert not table.estimated and table.repeats >= 20
     else:  # no Pi 5 here: the table must say it is an estimate and from what
         assert table.estimated and "estimate" in table.source.lower() and table.extra["based_on"]["target"] == "cpu-ort"
+
+
+def test_profile_main_writes_the_table_it_prints(tmp_path):
+    from edgellm.bench.layer_profile import add_profile_parser, profile_main
+
+    parser = argparse.ArgumentParser(prog="edgellm")
+    add_profile_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "costs.json"
+    printed: list[str] = []
+    args = parser.parse_args(["profile", "--target", "cpu-ort", "-o", str(out), "--repeats", "1", "--no-overhead",
+                              "--working-set-mb", "0"])
+    assert profile_main(args, write=printed.append) == 0
+    table = CostTable.load(out)
+    assert len(table.entries) == 4 * 5 + 2 and table.threads == 2  # the target's threads by default
+    assert "ffn_gate_up" in printed[0] and printed[-1] == f"wrote {out}"

@@ -1,30 +1,37 @@
 """`edgellm profile`: measure a target's cost table on its real backend (here ONNX Runtime CPU).
 
-Each (K, N, format, M) is one linear lowered exactly as the exporter lowers it (onnx_graph.linear, so
-an asymmetric format includes its block-offset correction), in its own ONNX Runtime session with the
-target's threads and accuracy_level, seeded random weights quantized by quantize_rtn. Runs go through
-IO binding as the ORT backend's do; after a warm-up, each of `repeats` runs is timed on its own and the
-median, 10th and 90th percentiles are kept, minus the cost of an empty session call (an Identity graph
-on the same input), which is recorded as `call_overhead_us`.
+Each (K, N, format, M) is timed on the linear exactly as the exporter lowers it (onnx_graph.linear, so
+an asymmetric format includes its block-offset correction), with the target's threads and
+accuracy_level, seeded random weights quantized by quantize_rtn, in its own ONNX Runtime session run
+through IO binding as the ORT backend runs its sessions:
 
-overhead_us is what a real decode token costs beyond its linears: the default model is exported,
-decoded token by token on the same backend, and the table's sum for that export's linears subtracted.
-A lone linear runs with its weights warm in cache and is one session call, not one node among ~300.
-Checked once on the 2-core EPYC VM: 13-400 copies of a linear in one graph (weights past the 32 MB L3)
-cost the same or up to ~40 % less per linear than a lone one, so cache warmth does not make this table
-optimistic there; what a full graph adds per node (scheduling, thread-pool wake-ups) lands in
-overhead_us, which is a constant for a fixed model because every plan runs the same number of linears.
+    x (1, M, K) ──► linear(W_1) ──► y_1        C copies of one linear, each with its own weights, so that
+            ├─────► linear(W_2) ──► y_2        one run streams as many weight bytes as a decode token of
+            └─────► linear(W_C) ──► y_C        the model stored in that format does (the working set)
+
+cost = (run time - an empty session call on the same input) / C, median and 10th/90th percentiles
+over `repeats` runs split across `passes` passes through every entry. Why C copies: in a real decode
+each layer's weights come from memory, not cache. On the 2-core EPYC VM (32 MB L3) a lone linear with
+hot weights costs 2-4x less than one of C (fp32 576 x 3072: 58 vs 150 us); a table of lone linears
+predicted an fp32-linear export's decode at 8.9 ms/token against 14.4-17 measured, and a fixed 64 MB
+working set still at 13.6, while fp32's real working set is ~440 MB, hence the per-format working set.
+
+overhead_us is what a real decode token costs beyond its linears: the model is exported (lossless
+transcode), decoded token by token on the same backend, and the table's sum for its linears
+subtracted (attention, norms, activation, runtime).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,13 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 32
 PREFILL_M = 128
 WEIGHT_STD = 0.02  # roughly a trained linear's scale; timings do not depend on it
+WORKING_SET_MB = 64.0  # for shapes not taken from a model: past the last-level cache (32 MB here, 2 MB on a Pi 5)
+MAX_COPIES = 512
+# stored bytes per weight of each format (block_formats: a float32 scale per 32 weights, plus a float32
+# offset per 32 for the asymmetric ones)
+BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1 + 4 / 32, "int4": 0.5 + 8 / 32, "int4-sym": 0.5 + 4 / 32,
+                    "int2": 0.25 + 8 / 32}
+MAX_COPIES_PREFILL = 4  # at M=128 each weight is reused 128 times per run: cache residency hardly matters
 Shapes = Mapping[str, tuple[int, int]] | Sequence[tuple[int, int]]
 
 
@@ -57,6 +71,15 @@ def default_shapes(model: str | Path | None = None) -> dict[str, tuple[int, int]
     from edgellm.model.loader import load_model
 
     return linear_shapes(load_model(model).config)
+
+
+def model_working_sets_mb(model: str | Path | None = None) -> dict[str, float]:
+    """Per format: MB of linear weights one decode token streams when every block linear has that format."""
+    from edgellm.model.loader import load_model
+
+    cfg = load_model(model).config
+    per_layer = sum(k * n for role, (k, n) in linear_shapes(cfg).items() if role != "lm_head")
+    return {fmt: cfg.n_layers * per_layer * b / 2**20 for fmt, b in BYTES_PER_WEIGHT.items()}
 
 
 def _layer_type(role: str) -> str:
@@ -82,33 +105,64 @@ def plan_jobs(target: Target, shapes: Shapes, formats: Sequence[str] | None, ms:
     return list(jobs)
 
 
-def _weight(k: int, n: int, fmt: str, cache: dict[tuple[int, int], np.ndarray]):
-    from edgellm.export.block_formats import quantize_rtn
+class _Weights:
+    """Seeded random (N, K) weights per shape and their quantized forms; holds one shape at a time."""
 
-    if (k, n) not in cache:
-        cache.clear()  # one shape at a time: the lm_head's float weights alone are ~113 MB
-        rng = np.random.default_rng([k, n])
-        cache[(k, n)] = (rng.standard_normal((n, k), dtype=np.float32) * WEIGHT_STD)  # (N, K)
-    w = cache[(k, n)]
-    if fmt == "fp32":
-        return w
-    bits, symmetric = RTN_FORMATS[fmt]
-    return quantize_rtn(w, bits, BLOCK_SIZE, symmetric=symmetric)
+    def __init__(self) -> None:
+        self.shape: tuple[int, int] | None = None
+        self.by_format: dict[str, Any] = {}
+
+    def get(self, k: int, n: int, fmt: str):
+        from edgellm.export.block_formats import quantize_rtn
+
+        if self.shape != (k, n):  # the lm_head's float weights alone are ~113 MB
+            rng = np.random.default_rng([k, n])
+            self.shape, self.by_format = (k, n), {"fp32": rng.standard_normal((n, k), dtype=np.float32) * WEIGHT_STD}
+        if fmt not in self.by_format:
+            bits, symmetric = RTN_FORMATS[fmt]
+            self.by_format[fmt] = quantize_rtn(self.by_format["fp32"], bits, BLOCK_SIZE, symmetric=symmetric)
+        return self.by_format[fmt]
 
 
-# x (1, M, K) ─► linear(W, format) ─► y (1, M, N)       (the exporter's own lowering, offsets included)
-def _linear_graph(k: int, n: int, weight, accuracy_level: int) -> tuple[Any, str]:
+def n_copies(weight_bytes: int, m: int, working_set_mb: float) -> int:
+    """Copies of a linear per timed run so that their weights reach `working_set_mb` (1 when <= 0).
+
+    A weight of WORKING_SET_MB or more (the lm_head in fp32) already streams from memory: one copy.
+    """
+    if working_set_mb <= 0 or weight_bytes >= WORKING_SET_MB * 2**20:
+        return 1
+    cap = MAX_COPIES if m == 1 else MAX_COPIES_PREFILL
+    return max(1, min(cap, math.ceil(working_set_mb * 2**20 / weight_bytes)))
+
+
+def _variant(weight, c: int):
+    """Copy c of a weight with different bytes (rolled by c elements), same format and statistics."""
+    if c == 0:
+        return weight
+    if isinstance(weight, np.ndarray):
+        return np.roll(weight.ravel(), c).reshape(weight.shape)
+    offsets = None if weight.block_offsets is None else np.roll(weight.block_offsets.ravel(), c).reshape(
+        weight.block_offsets.shape)
+    return replace(weight, packed=np.roll(weight.packed.ravel(), c).reshape(weight.packed.shape),
+                   scales=np.roll(weight.scales.ravel(), c).reshape(weight.scales.shape), block_offsets=offsets)
+
+
+# x (1, M, K) ─► linear(W_c, format) ─► y_c (1, M, N), c = 0..C-1   (the exporter's lowering, offsets included)
+def _linear_graph(k: int, n: int, weight, copies: int, accuracy_level: int) -> tuple[Any, list[tuple[str, int]]]:
     from edgellm.export.onnx_builder import FLOAT, GraphBuilder
     from edgellm.export.onnx_graph import OPSET, linear
 
     b = GraphBuilder()
     x = b.add_input("x", FLOAT, [1, "m", k])
-    y = linear(b, x, weight, "linear", accuracy_level)
-    b.add_output(y, FLOAT, [1, "m", n])
-    return b.model("edgellm_linear_profile", OPSET), y
+    outputs = []
+    for c in range(copies):
+        y = linear(b, x, _variant(weight, c), f"linear{c}", accuracy_level)
+        b.add_output(y, FLOAT, [1, "m", n])
+        outputs.append((y, n))
+    return b.model("edgellm_linear_profile", OPSET), outputs
 
 
-def _identity_graph(k: int) -> tuple[Any, str]:
+def _identity_graph(k: int) -> tuple[Any, list[tuple[str, int]]]:
     from edgellm.export.onnx_builder import FLOAT, GraphBuilder
     from edgellm.export.onnx_graph import OPSET
 
@@ -116,13 +170,13 @@ def _identity_graph(k: int) -> tuple[Any, str]:
     x = b.add_input("x", FLOAT, [1, "m", k])
     y = b.op1("Identity", [x], name="y")
     b.add_output(y, FLOAT, [1, "m", k])
-    return b.model("edgellm_call_overhead", OPSET), y
+    return b.model("edgellm_call_overhead", OPSET), [(y, k)]
 
 
 class _Runner:
-    """One graph in its own session, bound through IO binding to a fixed input (1, M, K) and output."""
+    """One graph in its own session, bound through IO binding to an input (1, M, K) and its outputs."""
 
-    def __init__(self, model, out_name: str, threads: int) -> None:
+    def __init__(self, model, outputs: list[tuple[str, int]], threads: int) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -133,22 +187,18 @@ class _Runner:
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(model.SerializeToString(), sess_options=opts,
                                             providers=["CPUExecutionProvider"])
-        self.out_name = out_name
-        self.bindings: dict[int, Any] = {}
+        self.outputs = outputs
 
-    def bind(self, m: int, k: int, n: int) -> None:
+    def time_us(self, m: int, k: int, runs: int, warmup: int) -> list[float]:
+        """Microseconds of each of `runs` timed runs after `warmup` untimed ones."""
         import onnxruntime as ort
 
-        x = np.random.default_rng(1).standard_normal((1, m, k), dtype=np.float32)
         binding = self.session.io_binding()
+        x = np.random.default_rng(1).standard_normal((1, m, k), dtype=np.float32)
         binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x))
-        binding.bind_ortvalue_output(self.out_name, ort.OrtValue.ortvalue_from_shape_and_type((1, m, n), np.float32,
-                                                                                              "cpu", 0))
-        self.bindings[m] = binding
-
-    def time_us(self, m: int, runs: int, warmup: int = 2) -> list[float]:
-        """Microseconds of each of `runs` timed runs after `warmup` untimed ones."""
-        binding = self.bindings[m]
+        for name, n in self.outputs:
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_shape_and_type((1, m, n), np.float32,
+                                                                                         "cpu", 0))
         for _ in range(warmup):
             self.session.run_with_iobinding(binding)
         samples = []
@@ -159,22 +209,32 @@ class _Runner:
         return samples
 
 
-def _entry(samples: list[float], call_us: float) -> CostEntry:
-    p10, p50, p90 = np.percentile(np.asarray(samples) - call_us, [10, 50, 90])
+def _entry(samples: list[float], call_us: float, copies: int) -> CostEntry:
+    p10, p50, p90 = (np.percentile(np.asarray(samples), [10, 50, 90]) - call_us) / copies
     floor = 0.01  # a linear never costs nothing; keeps predictions and ratios positive
     return CostEntry(max(float(p50), floor), max(float(p10), floor), max(float(p90), floor))
 
 
+def _working_sets(from_model: bool, model: str | Path | None, working_set_mb: float | None) -> dict[str, float]:
+    if working_set_mb is not None:
+        return dict.fromkeys(BYTES_PER_WEIGHT, working_set_mb)
+    return model_working_sets_mb(model) if from_model else dict.fromkeys(BYTES_PER_WEIGHT, WORKING_SET_MB)
+
+
 def profile_target(target: Target, shapes: Shapes | None = None, formats: Sequence[str] | None = None,
                    threads: int | None = None, repeats: int = 50, progress: bool = True, prefill: bool = False,
-                   overhead: bool = True, rounds: int = 5, model: str | Path | None = None) -> CostTable:
+                   overhead: bool = True, model: str | Path | None = None, passes: int = 3,
+                   working_set_mb: float | None = None) -> CostTable:
     """Time every (shape, format) on ONNX Runtime CPU and return the target's cost table.
 
     shapes: {role: (K, N)} (role "lm_head" uses the target's lm_head formats) or a list of (K, N);
     default: the linears of `model` (default: the default model). formats: default the target's per
     layer type. prefill: also M=128. overhead: also measure overhead_us on `model`, exported.
-    rounds: the `repeats` runs of each entry are split into interleaved rounds, so that a burst of
-    load on a shared machine spreads over all entries instead of skewing one.
+    passes: the `repeats` runs of each entry are split over passes through all entries, each with fresh
+    sessions, so a burst of load on a shared machine spreads over every entry. working_set_mb: weights
+    streamed per run (module docstring); None: per format, what the model streams per decode token when
+    shapes come from it, else WORKING_SET_MB; 0 times one lone linear. One session lives at a time: an
+    idle session's thread pool spins after each run and slowed the next session up to 8x when interleaved.
     """
     import onnxruntime as ort
     from tqdm import tqdm
@@ -184,59 +244,50 @@ def profile_target(target: Target, shapes: Shapes | None = None, formats: Sequen
     if target.backend != "onnxruntime":
         raise ConfigError(f"target {target.name}: profiling runs on onnxruntime, not {target.backend!r}")
     threads = threads or target.threads
-    if threads < 1 or repeats < 1 or rounds < 1:
-        raise ConfigError(f"threads, repeats and rounds must be >= 1, found {threads}, {repeats}, {rounds}")
+    if min(threads, repeats, passes) < 1:
+        raise ConfigError(f"threads, repeats and passes must be >= 1, found {threads}, {repeats}, {passes}")
+    passes = min(passes, repeats)
+    working_sets = _working_sets(shapes is None, model, working_set_mb)
     shapes = default_shapes(model) if shapes is None else shapes
-    ms = (1, PREFILL_M) if prefill else (1,)
-    jobs = sorted(plan_jobs(target, shapes, formats, ms), key=lambda j: (j[0], j[1]))  # one shape's weights at a time
-    roles = dict(shapes) if isinstance(shapes, Mapping) else {}
-    runners = _build_runners(target, jobs, roles.get("lm_head"), threads, progress)
-    rounds = min(rounds, repeats)
-    per_round = [repeats // rounds + (r < repeats % rounds) for r in range(rounds)]
-    samples: dict[tuple, list[float]] = {key: [] for key in runners}
-    bar = tqdm(total=repeats * len(runners), desc=f"time {target.name}", unit="run", file=sys.stderr,
+    jobs = sorted(plan_jobs(target, shapes, formats, (1, PREFILL_M) if prefill else (1,)))
+    roles = {role: tuple(s) for role, s in shapes.items()} if isinstance(shapes, Mapping) else {}
+    samples: dict[tuple, list[float]] = {}  # ("call", K, M) or a CostKey -> run times
+    copies: dict[CostKey, int] = {}
+    bar = tqdm(total=len(jobs) * passes, desc=f"profile {target.name}", unit="linear", file=sys.stderr,
                disable=not progress)
-    for runs in per_round:
-        for key, (runner, m) in runners.items():
-            samples[key] += runner.time_us(m, runs)
-            bar.update(runs)
+    for i in range(passes):
+        runs = repeats // passes + (i < repeats % passes)
+        for k, m in sorted({(k, m) for k, _, _, m in jobs}):
+            runner = _Runner(*_identity_graph(k), threads)
+            samples.setdefault(("call", k, m), []).extend(runner.time_us(m, k, runs, max(3, runs // 5)))
+            del runner
+        weights = _Weights()
+        for key in jobs:
+            k, n, fmt, m = key
+            bar.set_postfix_str(f"{k}x{n} {fmt} M={m}")
+            weight = weights.get(k, n, fmt)
+            copies[key] = n_copies(weight.nbytes, m, working_sets[fmt])  # ndarray or BlockQuantized
+            level = target.lm_head_accuracy_level if (k, n) == roles.get("lm_head") else target.accuracy_level
+            runner = _Runner(*_linear_graph(k, n, weight, copies[key], level), threads)
+            samples.setdefault(key, []).extend(runner.time_us(m, k, runs, max(3, runs // 5)))
+            del runner  # its thread pool must not spin beside the next session
+            bar.update()
     bar.close()
     call_us = {key[1:]: statistics.median(v) for key, v in samples.items() if key[0] == "call"}  # (K, M)
-    entries = {(k, n, fmt, m): _entry(samples[key], call_us[(k, m)])
-               for key in samples if key[0] == "linear" for _, k, m, n, fmt in [key]}
+    entries = {key: _entry(samples[key], call_us[(key[0], key[3])], copies[key]) for key in jobs}
     table = CostTable(
         target=target.name, entries=entries, machine=machine_tag(), threads=threads, ort_version=ort.__version__,
         accuracy_level=target.accuracy_level, repeats=repeats, estimated=False,
-        source=f"measured by edgellm profile: one linear per ONNX Runtime session, {repeats} runs in {rounds} "
-               "interleaved rounds, minus an empty session call",
-        extra={"call_overhead_us": {f"K={k},M={m}": round(v, 3) for (k, m), v in sorted(call_us.items())},
+        source=f"measured by edgellm profile: copies of one linear per ONNX Runtime session streaming a "
+               f"decode token's worth of weights, {repeats} runs over {passes} passes, minus an empty session call",
+        extra={"working_set_mb": {f: round(v, 1) for f, v in working_sets.items()},
+               "call_overhead_us": {f"K={k},M={m}": round(v, 3) for (k, m), v in sorted(call_us.items())},
+               "copies": {f"{k}x{n} {f} M={m}": c for (k, n, f, m), c in sorted(copies.items())},
                "shapes": {role: list(s) for role, s in roles.items()}},
     )
     if overhead:
         table = measure_overhead(table, threads, model=model)
     return table
-
-
-def _build_runners(target: Target, jobs: list[CostKey], lm_head_shape: tuple[int, int] | None, threads: int,
-                   progress: bool) -> dict[tuple, tuple[_Runner, int]]:
-    """A session per (K, N, format) and per K (the empty call), bound for each M; keyed for timing."""
-    from tqdm import tqdm
-
-    runners: dict[tuple, tuple[_Runner, int]] = {}
-    sessions: dict[tuple, _Runner] = {}
-    weights: dict[tuple[int, int], np.ndarray] = {}
-    for k, n, fmt, m in tqdm(jobs, desc=f"build {target.name}", unit="linear", file=sys.stderr, disable=not progress):
-        if ("call", k) not in sessions:
-            sessions[("call", k)] = _Runner(*_identity_graph(k), threads)
-        if ("call", k, m) not in runners:
-            sessions[("call", k)].bind(m, k, k)
-            runners[("call", k, m)] = (sessions[("call", k)], m)
-        if (k, n, fmt) not in sessions:
-            level = target.lm_head_accuracy_level if (k, n) == lm_head_shape else target.accuracy_level
-            sessions[(k, n, fmt)] = _Runner(*_linear_graph(k, n, _weight(k, n, fmt, weights), level), threads)
-        sessions[(k, n, fmt)].bind(m, k, n)
-        runners[("linear", k, m, n, fmt)] = (sessions[(k, n, fmt)], m)
-    return runners
 
 
 def measure_overhead(table: CostTable, threads: int, n_prompt: int = 64, n_decode: int = 64,
@@ -247,8 +298,6 @@ def measure_overhead(table: CostTable, threads: int, n_prompt: int = 64, n_decod
     temporary directory and decoded on the ONNX Runtime backend: `n_prompt` tokens prefilled, then the
     median of `n_decode` single-token forwards.
     """
-    from dataclasses import replace
-
     from edgellm.export.onnx_export import export_onnx
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
@@ -308,6 +357,9 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="threads (default: the target's)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per entry (default 50)")
     p.add_argument("--prefill", action="store_true", help=f"also time M={PREFILL_M} rows (prefill)")
+    p.add_argument("--working-set-mb", type=float, default=None,
+                   help="weights streamed per timed run (default: per format, what the default model streams "
+                        "per decode token in that format; 0 times a lone linear with its weights hot in cache)")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip overhead_us (exporting and decoding the default model, ~10 s)")
     return p
@@ -319,7 +371,7 @@ def profile_main(args: argparse.Namespace, write: Callable[[str], Any] = print) 
     check_machine(target)
     out = Path(args.output) if args.output else target.cost_table
     table = profile_target(target, threads=args.threads, repeats=args.repeats, progress=True,
-                           prefill=args.prefill, overhead=not args.no_overhead)
+                           prefill=args.prefill, overhead=not args.no_overhead, working_set_mb=args.working_set_mb)
     table.save(out)
     write(format_table(table))
     write(f"wrote {out}")

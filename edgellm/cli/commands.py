@@ -328,15 +328,27 @@ def _fixed_bytes(cfg) -> int:
 
 
 def _attach_target(state, args) -> None:
+    from edgellm.compress.plan import CompressionPlan
     from edgellm.compress.target import load_target
 
     target = load_target(args.target)
     table = target.load_cost_table()
+    state.target = target
     state.cost_us = lambda unit, fmt: table.cost_us(unit.k, unit.n, "int4" if fmt == "auto" else fmt)
+    state.plan = CompressionPlan(accuracy_level=target.accuracy_level,
+                                 lm_head_accuracy_level=target.lm_head_accuracy_level)
     if args.budget_ms_per_token is not None:
         cfg = state.model.config
+        if table.overhead_us is None:
+            raise ConfigError(f"{target.cost_table} has no overhead_us; re-run: edgellm profile --target {target.name}")
         fixed = table.overhead_us + table.cost_us(cfg.hidden_size, cfg.vocab_size, "int8")
         state.budget_us = args.budget_ms_per_token * 1e3 - fixed
         if state.budget_us <= 0:
             raise ConfigError(f"--budget-ms-per-token {args.budget_ms_per_token} is below the fixed cost of "
                               f"{fixed / 1e3:.2f} ms/token on {args.target} (attention, norms, lm_head)")
+
+
+def profile(args: argparse.Namespace) -> int:
+    from edgellm.bench.layer_profile import profile_main
+
+    return profile_main(args)

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--cache-dir", default=None, help="where measured sensitivities are cached")
 
+    from edgellm.bench.layer_profile import add_profile_parser
+
+    add_profile_parser(sub)  # edgellm profile --target T [-o FILE] ...
+
     p = sub.add_parser("bench", help="speed, memory and perplexity beside llama.cpp (same model, threads, prompt)")
     _add_model(p)
     p.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"], help="comparison engine")
@@ -147,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "info": commands.info, "tokenize": commands.tokenize, "generate": commands.generate,
         "chat": commands.chat, "eval": commands.eval_ppl, "export": commands.export,
-        "bench": commands.bench, "compress": commands.compress,
+        "bench": commands.bench, "compress": commands.compress, "profile": commands.profile,
     }[args.command]
     try:
         return handler(args) or 0

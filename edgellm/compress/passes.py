@@ -24,6 +24,7 @@ class CompressState:
     budget_bytes: int | None = None
     budget_us: float | None = None
     cost_us: Any = None  # (Unit, format) -> microseconds, from the target's measured table
+    target: Any = None  # the Target the plan is for (its supported formats filter the choices)
     progress: bool = False
     cache_dir: Any = None
     report: dict[str, Any] = field(default_factory=dict)
@@ -80,7 +81,10 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
 
     if state.budget_bytes is None and state.budget_us is None:
         raise ConfigError("the allocate pass needs a budget: --budget-mb or --budget-ms-per-token")
-    measured = tuple(f for f in p.formats if f != "auto")
+    formats = tuple(f for f in p.formats if f == "auto" or state.target is None or state.target.supports("linear", f))
+    if not formats:
+        raise ConfigError(f"target {state.target.name} supports none of the recipe's formats {list(p.formats)}")
+    measured = tuple(f for f in formats if f != "auto")
     config = SensitivityConfig(calibration=p.calibration, tokens=p.tokens, window=p.window, formats=measured)
     table = None
     cache = None
@@ -97,14 +101,14 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
     loss = {u: dict(v) for u, v in table.kl.items()}
     lossless = _lossless_auto(state.model)
     for u in loss:
-        if "auto" in p.formats:  # the source's own blocks: no change, no loss (when transcoded exactly)
+        if "auto" in formats:  # the source's own blocks: no change, no loss (when transcoded exactly)
             loss[u]["auto"] = 0.0 if lossless else loss[u].get("int4", 0.0)
-    result = allocate(units(state.model.config), p.formats, loss,
+    result = allocate(units(state.model.config), formats, loss,
                       Budget(max_bytes=state.budget_bytes, max_us=state.budget_us), cost_us=state.cost_us)
     state.plan = result.plan(state.plan, name="allocated")
     state.report["allocate"] = {"solver": result.solver, "predicted_kl": result.loss, "linear_bytes": result.bytes,
                                 "linear_us": result.us, "choice": result.choice,
-                                "format_counts": {f: list(result.choice.values()).count(f) for f in p.formats}}
+                                "format_counts": {f: list(result.choice.values()).count(f) for f in formats}}
 
 
 def _lossless_auto(model: ModelDescription) -> bool:

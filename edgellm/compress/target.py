@@ -74,7 +74,7 @@ class Target:
     def supports(self, layer_type: str, fmt: str) -> bool:
         return fmt in self.formats.get(layer_type, ())
 
-    def load_costs(self) -> CostTable:
+    def load_cost_table(self) -> CostTable:
         """The target's cost table (an error says how to make it when the file is missing)."""
         if not self.cost_table.is_file():
             raise ConfigError(f"target {self.name}: cost table {self.cost_table} does not exist; "
@@ -203,17 +203,19 @@ class CostTable:
         return (f"cost table of target {self.target} has no entry for K={k}, N={n}, format={fmt}, M={m}; "
                 f"{have}; re-measure with: edgellm profile --target {self.target}")
 
-    def scaled(self, factor: float, target: str, source: str) -> CostTable:
-        """An estimate for another board: every time multiplied by `factor`, marked estimated."""
+    def scaled(self, factor: float, target: str, source: str, machine: Mapping[str, Any],
+               threads: int) -> CostTable:
+        """An estimate for another board (`machine`, `threads`): every time x `factor`, marked estimated."""
         if factor <= 0:
             raise ConfigError(f"scale factor must be > 0, found {factor}")
         entries = {key: CostEntry(e.median_us * factor, e.p10_us * factor, e.p90_us * factor)
                    for key, e in self.entries.items()}
         overhead = None if self.overhead_us is None else self.overhead_us * factor
-        extra = {"scale_factor": factor, "based_on": {"target": self.target, "machine": dict(self.machine),
-                                                      "threads": self.threads, "ort_version": self.ort_version}}
+        extra = {"shapes": self.extra.get("shapes", {}), "scale_factor": factor,
+                 "based_on": {"target": self.target, "machine": dict(self.machine), "threads": self.threads,
+                              "ort_version": self.ort_version, "overhead": self.extra.get("overhead")}}
         return replace(self, target=target, entries=entries, overhead_us=overhead, estimated=True, source=source,
-                       extra=extra)
+                       machine=dict(machine), threads=threads, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         rows = [{"k": k, "n": n, "format": f, "m": m, "median_us": round(e.median_us, 3),
@@ -266,8 +268,7 @@ class CostTable:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=1)
-                fh.write("\n")
+                fh.write(_dumps(self.to_dict()))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)
@@ -283,6 +284,13 @@ class CostTable:
             raise ConfigError(f"cost table of target {self.target} has no overhead_us; re-measure with: "
                               f"edgellm profile --target {self.target}")
         return self.overhead_us + sum(self.cost_us(*shapes[name], fmt) for name, fmt in layer_formats.items())
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    """JSON with one line per cost entry (readable diffs when a table is re-measured)."""
+    head = json.dumps({k: v for k, v in data.items() if k != "entries"}, indent=1)
+    rows = ",\n".join("  " + json.dumps(row) for row in data["entries"])
+    return head[:-2] + ',\n "entries": [\n' + rows + "\n ]\n}\n"
 
 
 # ---- which linears a model's ONNX graph runs, and in which cost format ---------------------------------
