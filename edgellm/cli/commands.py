@@ -305,6 +305,8 @@ def compress(args: argparse.Namespace) -> int:
     elif args.budget_ms_per_token is not None:
         raise ConfigError("--budget-ms-per-token needs --target (its measured cost table gives the latencies)")
     run_recipe(state, recipe)
+    if args.hardware_in_the_loop:
+        _hardware_in_the_loop(state, recipe, args)
     out = write_compressed(state, recipe, args.output, overwrite=args.force)
     report = state.report.get("allocate")
     if report:
@@ -352,3 +354,34 @@ def profile(args: argparse.Namespace) -> int:
     from edgellm.bench.layer_profile import profile_main
 
     return profile_main(args)
+
+
+def _hardware_in_the_loop(state, recipe, args) -> None:
+    """Export the plan, time it on this machine, rescale the cost model by measured/predicted, re-solve."""
+    import tempfile
+
+    from edgellm.bench.decode_probe import decode_ms_per_token
+    from edgellm.compress.pipeline import run_recipe
+    from edgellm.export.onnx_export import export_onnx
+
+    if args.budget_ms_per_token is None or getattr(state, "target", None) is None:
+        raise ConfigError("--hardware-in-the-loop needs --target and --budget-ms-per-token")
+    fixed_us = args.budget_ms_per_token * 1e3 - state.budget_us
+    history = []
+    for round_ in range(args.hardware_in_the_loop):
+        predicted = (state.report["allocate"]["linear_us"] + fixed_us) / 1e3
+        with tempfile.TemporaryDirectory(prefix="edgellm-hil-") as tmp:
+            art = export_onnx(state.model, Path(tmp) / "onnx", state.plan)
+            measured = decode_ms_per_token(art, threads=state.target.threads)
+        history.append({"round": round_ + 1, "predicted_ms": predicted, "measured_ms": measured,
+                        "format_counts": state.report["allocate"]["format_counts"]})
+        print(f"hardware in the loop {round_ + 1}: predicted {predicted:.2f} ms/token, measured {measured:.2f}",
+              file=sys.stderr)
+        if measured <= args.budget_ms_per_token:
+            break
+        scale = measured / predicted  # the cost model was optimistic by this factor: ask for less
+        state.budget_us = args.budget_ms_per_token * 1e3 / scale - fixed_us
+        if state.budget_us <= 0:
+            break
+        run_recipe(state, recipe)
+    state.report["hardware_in_the_loop"] = history

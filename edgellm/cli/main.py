@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="compressed model directory")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--cache-dir", default=None, help="where measured sensitivities are cached")
+    p.add_argument("--hardware-in-the-loop", type=_positive_int, default=0, metavar="ROUNDS",
+                   help="export the plan, time it here, correct the cost model and re-solve (up to ROUNDS)")
 
     from edgellm.bench.layer_profile import add_profile_parser
 
