@@ -106,6 +106,13 @@ def _tiny_target(tmp_path, hidden=64, ffn=128, q=64, kv=32, vocab=None):
     return tmp_path / "tiny.toml"
 
 
+def _tiny_recipe(tmp_path, formats):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'name = "t"\n[[passes]]\npass = "allocate"\nformats = {json.dumps(list(formats))}\n'
+                      'calibration = "asyoulik.txt"\ntokens = 256\nwindow = 128\n')
+    return recipe
+
+
 def test_allocate_recipe_on_a_tiny_model_meets_size_and_latency_budgets(tmp_path):
     from tests.tiny_gguf import write_tiny_gguf
 
@@ -114,9 +121,7 @@ def test_allocate_recipe_on_a_tiny_model_meets_size_and_latency_budgets(tmp_path
 
     vocab = load_model(gguf).config.vocab_size
     target = _tiny_target(tmp_path, vocab=vocab)
-    recipe = tmp_path / "r.toml"
-    recipe.write_text('name = "t"\n[[passes]]\npass = "allocate"\nformats = ["auto", "int8", "int4-sym", "int2"]\n'
-                      'tokens = 256\nwindow = 128\n')
+    recipe = _tiny_recipe(tmp_path, ["auto", "int8", "int4-sym", "int2"])
     out = tmp_path / "c"
     # linear layers of this model at int4-sym cost 0.8 us per 1000 weights; pick a budget between
     # all-int4-sym and all-lossless so the allocator has to mix
@@ -129,3 +134,21 @@ def test_allocate_recipe_on_a_tiny_model_meets_size_and_latency_budgets(tmp_path
     counts = report["format_counts"]
     assert counts["int4-sym"] > 0 and sum(1 for c in counts.values() if c) >= 2, counts  # a mix, budget binds
     assert "plan:" in proc.stdout
+
+
+def test_hardware_in_the_loop_records_predicted_and_measured(tmp_path):
+    """On the tiny model with a deliberately wrong (tiny) cost table: the loop measures the real export,
+    finds the prediction far off, and either re-solves or says plainly that no plan fits."""
+    from edgellm.model.loader import load_model
+    from tests.tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_1")
+    target = _tiny_target(tmp_path, vocab=load_model(gguf).config.vocab_size)
+    recipe = _tiny_recipe(tmp_path, ["auto", "int8", "int4-sym"])
+    out = tmp_path / "c"
+    proc = edgellm("compress", str(gguf), "--recipe", str(recipe), "--target", str(target), "--budget-ms-per-token",
+                   "50", "--hardware-in-the-loop", "2", "-o", str(out), "--cache-dir", str(tmp_path / "cache"))
+    history = json.loads((out / "compressed.json").read_text())["report"]["hardware_in_the_loop"]
+    assert history[0]["measured_ms"] > 0 and history[0]["predicted_ms"] > 0
+    assert history[-1]["measured_ms"] <= 50  # a 2-layer model decodes far under 50 ms/token
+    assert "hardware in the loop 1" in proc.stderr

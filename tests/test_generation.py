@@ -128,3 +128,11 @@ def test_llamacpp_streams_through_the_same_api(llamacpp, tokenizer):
 def test_non_finite_or_negative_values_are_rejected(bad):
     with pytest.raises(ConfigError):
         SamplingConfig(**bad)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(reference, llamacpp):
+    for backend in (reference, llamacpp):
+        with pytest.raises(ConfigError, match=r"token id 49152 is outside the vocabulary \[0, 49152\)"):
+            backend.open_session(max_tokens=8).forward(np.array([1, 49152]))
+        with pytest.raises(ConfigError, match="token id -1"):
+            backend.open_session(max_tokens=8).forward(np.array([-1]))

@@ -14,13 +14,15 @@ def decode_ms_per_token(directory: Path, threads: int = 2, prompt: int = 64, tok
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
-    backend = create_backend("onnxruntime", load_model(directory), threads=threads)
+    model = load_model(directory)
+    backend = create_backend("onnxruntime", model, threads=threads)
+    vocab = model.config.vocab_size
     samples = []
     for _ in range(rounds):
         session = backend.open_session(max_tokens=prompt + tokens + 1)
-        session.forward(np.arange(100, 100 + prompt))
+        session.forward(np.arange(100, 100 + prompt) % vocab)
         start = time.perf_counter()
         for i in range(tokens):
-            session.forward(np.array([300 + i]))
+            session.forward(np.array([(300 + i) % vocab]))
         samples.append((time.perf_counter() - start) / tokens * 1e3)
     return statistics.median(samples)

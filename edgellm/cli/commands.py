@@ -381,7 +381,11 @@ def _hardware_in_the_loop(state, recipe, args) -> None:
             break
         scale = measured / predicted  # the cost model was optimistic by this factor: ask for less
         state.budget_us = args.budget_ms_per_token * 1e3 / scale - fixed_us
-        if state.budget_us <= 0:
-            break
-        run_recipe(state, recipe)
+        try:
+            if state.budget_us <= 0:
+                raise ConfigError("the corrected budget leaves nothing for the linear layers")
+            run_recipe(state, recipe)
+        except ConfigError as exc:
+            raise ConfigError(f"measured {measured:.2f} ms/token against a budget of {args.budget_ms_per_token} "
+                              f"and the corrected cost model admits no plan ({exc})") from None
     state.report["hardware_in_the_loop"] = history

@@ -55,6 +55,7 @@ class Session(ABC):
         self.layers = layers
         self.max_tokens = max_tokens
         self.position = 0  # tokens already in the cache
+        self.vocab_size: int | None = None  # set by Backend.open_session; token ids are checked against it
 
     def forward(self, inputs: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Advance by T positions.
@@ -66,6 +67,13 @@ class Session(ABC):
         n = int(inputs.shape[0])
         if n == 0:
             raise ConfigError("forward() needs at least one position")
+        if self.layers.takes_tokens and self.vocab_size is not None:
+            ids = np.asarray(inputs)
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise ConfigError(f"token ids must be a 1-D integer array, found {ids.dtype} with shape {ids.shape}")
+            if ids.min() < 0 or ids.max() >= self.vocab_size:
+                raise ConfigError(f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} is "
+                                  f"outside the vocabulary [0, {self.vocab_size})")
         if self.position + n > self.max_tokens:
             raise ContextOverflowError(
                 f"{self.position} cached + {n} new tokens exceed this session's context of {self.max_tokens}"
@@ -109,7 +117,9 @@ class Backend(ABC):
             raise ContextOverflowError(
                 f"requested context {max_tokens} exceeds the model's {self.config.context_length}"
             )
-        return self._open(layers, max_tokens)
+        session = self._open(layers, max_tokens)
+        session.vocab_size = self.config.vocab_size
+        return session
 
     @abstractmethod
     def _open(self, layers: LayerRange, max_tokens: int) -> Session: ...
