@@ -72,17 +72,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    best = min(r["ppl"] for r in rows)
+    shown = [r for r in rows if r["ppl"] < 3 * best]  # a collapsed plan (e.g. uniform int2) would flatten the rest
+    hidden = [r["name"] for r in rows if r not in shown]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    markers = "osD^vP*Xh<>"
     for ax, key, label in ((axes[0], "file_mb", "exported files (MB)"),
-                           (axes[1], "decode_ms_per_token", "decode ms/token (ORT, 2 threads)")):
-        for r in rows:
-            ax.scatter(r[key], r["ppl"], s=30)
-            ax.annotate(r["name"], (r[key], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                           (axes[1], "decode_ms_per_token", "decode ms/token (ONNX Runtime, 2 threads)")):
+        for i, r in enumerate(shown):
+            ax.scatter(r[key], r["ppl"], s=45, marker=markers[i % len(markers)], label=r["name"])
         ax.set_xlabel(label)
-        ax.set_ylabel("perplexity, alice29 8192 tokens")
-        ax.set_yscale("log")
+        ax.set_ylabel("perplexity, alice29 (8192 tokens)")
         ax.grid(alpha=0.3)
-    fig.suptitle("SmolLM2-135M: quality vs size and speed (edgellm plans, ONNX Runtime CPU)")
+    axes[1].legend(fontsize=8, loc="upper right")
+    title = "SmolLM2-135M: quality vs size and decode speed (edgellm plans)"
+    if hidden:
+        title += f"\nnot shown (ppl > 3x best): {', '.join(hidden)}"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -93,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets-ms", default="6.0,6.5,7.0", help="allocator latency budgets, comma-separated")
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from an existing OUT.json")
     a = p.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(f"{a.out}.json").read_text()), Path(f"{a.out}.png"))
+        return 0
     from edgellm.cli.commands import _default_cache
     from edgellm.model.loader import load_model
     from edgellm.model.tokenizer import Tokenizer
