@@ -100,12 +100,21 @@ def test_int8_activation_path_stays_within_a_quantization_step(model):
     assert rel < 2e-2, rel  # int8 activations: ~1/127 relative per block, accumulated
 
 
-def test_rtn_formats_round_trip_within_one_step():
+@pytest.mark.parametrize("bits, sym", [(8, True), (4, False), (4, True), (2, False), (2, True)])
+def test_rtn_formats_round_trip_within_half_a_step_per_block(bits, sym):
     w = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
-    for bits, sym in [(8, True), (4, False), (4, True)]:
-        bq = quantize_rtn(w, bits, symmetric=sym)
-        step = bq.scales.max()
-        assert np.abs(bq.dequantize() - w).max() <= 0.5 * step + 1e-6
+    bq = quantize_rtn(w, bits, symmetric=sym)
+    err = np.abs(bq.dequantize() - w).reshape(64, 4, 32)
+    assert (err <= 0.5 * bq.scales[..., None] * (1 + 1e-5) + 1e-7).all()
+
+
+@pytest.mark.parametrize("bits, sym", [(2, False), (4, True), (8, True)])
+def test_onnx_runtime_computes_with_the_rtn_weights(bits, sym):
+    """Identity probe through MatMulNBits (accuracy_level 0): the graph's weights are dequantize()'s."""
+    w = np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32)
+    bq = quantize_rtn(w, bits, symmetric=sym)
+    effective = run_single_linear(bq, np.eye(64, dtype=np.float32)).T
+    np.testing.assert_allclose(effective, bq.dequantize(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "exact"])

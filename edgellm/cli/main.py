@@ -29,6 +29,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _positive_int(text) if text.strip() not in ("0", "+0", "-0") else 0
+    return value
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
 
@@ -98,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text-file", metavar="F", help="text to score (read as UTF-8, line endings kept)")
     src.add_argument("--corpus", default=None, metavar="NAME",
                      help="a Canterbury corpus file, e.g. alice29.txt (default when no --text-file)")
-    e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (default 8192)")
+    e.add_argument("--max-tokens", type=_non_negative_int, default=8192,
+                   help="score the first N tokens (default 8192; 0 = the whole text)")
     e.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--stride", type=int, default=None, help="window step (default: = window)")
+    e.add_argument("--stride", type=_positive_int, default=None, help="window step (default: = window)")
     e.add_argument("--json", action="store_true", help="print JSON")
     _add_backend(e)
 
