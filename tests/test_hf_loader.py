@@ -105,8 +105,8 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
 
 
 def transformers_logits(path: Path, ids: list[int]) -> np.ndarray:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
     )
@@ -237,7 +237,7 @@ def test_tiny_model_loads_without_tokenizer(tmp_path: Path) -> None:
 
 
 def test_bf16_and_f16_tensors_decode(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     from safetensors.torch import save_file as save_torch
 
     cfg = hf_config()
@@ -281,8 +281,8 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
 ])
 def test_tiny_model_matches_transformers(tmp_path: Path, model_type: str, rope: dict | None) -> None:
     """transformers writes the directory itself (its config format, untied lm_head) and is the oracle."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     torch.manual_seed(0)
     config_cls = transformers.LlamaConfig if model_type == "llama" else transformers.MistralConfig
     model_cls = transformers.LlamaForCausalLM if model_type == "llama" else transformers.MistralForCausalLM

@@ -11,23 +11,20 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from edgellm.errors import ConfigError, ContextOverflowError, ModelFormatError  # noqa: E402
-from edgellm.export import onnx_export  # noqa: E402
-from edgellm.export.onnx_export import export_onnx  # noqa: E402
-from edgellm.model.loader import load_model  # noqa: E402
-from edgellm.runtime.generation import GenerationConfig, generate  # noqa: E402
-from edgellm.runtime.registry import create_backend  # noqa: E402
-from edgellm.runtime.sampling import SamplingConfig  # noqa: E402
+from edgellm.errors import ConfigError, ContextOverflowError, ModelFormatError
+from edgellm.export import onnx_export
+from edgellm.export.onnx_export import export_onnx
+from edgellm.model.loader import load_model
+from edgellm.runtime.generation import GenerationConfig, generate
+from edgellm.runtime.registry import create_backend
+from edgellm.runtime.sampling import SamplingConfig
+from tests.test_cli import edgellm
 
 ARTIFACT_FILES = {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_spec.json", "manifest.json"}
 PROMPT = "The capital of France is"
@@ -288,14 +285,6 @@ def test_prompt_longer_than_the_session_context(backend, tokenizer):
 # --- 4. the command line ---------------------------------------------------------------------------
 
 
-def edgellm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "edgellm.cli.main", *args], capture_output=True, text=True,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"edgellm {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def cli_export(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "smollm2-onnx"
@@ -337,7 +326,6 @@ def test_cli_eval_ppl(cli_export):
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_cli_bench_against_llamacpp(cli_export, tmp_path):
-    pytest.importorskip("llama_cpp")
     result_path = tmp_path / "bench.json"
     edgellm("bench", str(cli_export), "--vs", "llama.cpp", "--threads", "2", "--rounds", "1", "--reps", "1",
             "--n-prompt", "16", "--n-decode", "8", "--ppl-tokens", "0", "--json", str(result_path))

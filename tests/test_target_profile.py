@@ -21,8 +21,6 @@ from edgellm.compress.target import (
 from edgellm.errors import ConfigError, UnknownNameError
 from tests.tiny_gguf import write_tiny_gguf
 
-pytest.importorskip("onnxruntime")
-
 CPU_ORT = (TARGETS_DIR / "cpu-ort.toml").read_text()
 
 

@@ -24,6 +24,7 @@ from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, q
 from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph
 from edgellm.model.artifact import ARTIFACT_FORMAT, MANIFEST, TOKENIZER_SPEC, sha256_file, tokenizer_to_dict
 from edgellm.model.description import ModelDescription
+from edgellm.model.rope import inverse_frequencies
 from edgellm.model.tensor_names import LINEAR_ROLES
 from edgellm.model.weights import WeightTensor
 
@@ -47,16 +48,6 @@ def prepare_weight(tensor: WeightTensor, fmt: str) -> tuple[Weight, str]:
     bits, symmetric = RTN_FORMATS[fmt]
     bq = quantize_rtn(values, bits, symmetric=symmetric)
     return bq, f"{bq.source} from {tensor.qtype}"
-
-
-def _inv_freq(description: ModelDescription) -> np.ndarray:
-    cfg = description.config
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
-    if cfg.rope_scaling.kind == "linear":
-        inv = inv / cfg.rope_scaling.factor
-    if "rope_freqs.weight" in description.weights:
-        inv = inv / description.weights.float("rope_freqs.weight").astype(np.float64)
-    return inv
 
 
 def lower(description: ModelDescription, plan: CompressionPlan, progress: bool = False):
@@ -88,7 +79,7 @@ def lower(description: ModelDescription, plan: CompressionPlan, progress: bool =
         embed = embed_tensor.to_float()
         layers["token_embd"] = f"fp32 from {embed_tensor.qtype}"
     options = LoweringOptions(accuracy_level=plan.accuracy_level, lm_head_accuracy_level=plan.lm_head_accuracy_level)
-    model = build_llama_graph(cfg, norms, linears, embed, lm_head, _inv_freq(description), options)
+    model = build_llama_graph(cfg, norms, linears, embed, lm_head, inverse_frequencies(description), options)
     return model, layers
 
 

@@ -14,6 +14,7 @@ import torch
 
 from edgellm.model.config import ModelConfig
 from edgellm.model.description import ModelDescription
+from edgellm.model.rope import inverse_frequencies
 
 
 @dataclass
@@ -34,17 +35,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.keys.shape[1]
-
-
-def rope_inverse_frequencies(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
-    """theta^(-2i/d) for i < d/2, with the model's frequency scaling applied."""
-    d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    if config.rope_scaling.kind == "linear":
-        inv = inv / config.rope_scaling.factor
-    if freq_factors is not None:
-        inv = inv / freq_factors.to(torch.float64)
-    return inv
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
@@ -80,8 +70,7 @@ class LlamaModel(torch.nn.Module):
         names = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
                  "ffn_up", "ffn_down")
         self.layers = [{n: tensor(f"blk.{i}.{n}.weight") for n in names} for i in range(self.config.n_layers)]
-        factors = tensor("rope_freqs.weight") if "rope_freqs.weight" in w else None
-        self.inv_freq = rope_inverse_frequencies(self.config, factors)
+        self.inv_freq = torch.from_numpy(inverse_frequencies(description))  # float64
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding[token_ids]  # (T, hidden)
