@@ -14,7 +14,7 @@ from tests.test_cli import edgellm
 
 
 def test_unknown_pass_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown pass 'prune-magic'; valid passes: allocate, quantize"):
+    with pytest.raises(ConfigError, match=r"unknown pass 'prune-magic'; valid passes: allocate, gptq, quantize"):
         parse_recipe({"name": "x", "passes": [{"pass": "prune-magic"}]}, "inline")
 
 
@@ -28,7 +28,7 @@ def test_bad_parameter_names_the_valid_ones():
 
 
 def test_unknown_recipe_name_lists_the_shipped_ones():
-    with pytest.raises(UnknownNameError, match="valid recipes: haq-cpu-ort, rtn-int4"):
+    with pytest.raises(UnknownNameError, match="valid recipes: gptq-int4, haq-cpu-ort, rtn-int4"):
         load_recipe("no-such-recipe")
 
 
@@ -152,3 +152,28 @@ def test_hardware_in_the_loop_records_predicted_and_measured(tmp_path):
     assert history[0]["measured_ms"] > 0 and history[0]["predicted_ms"] > 0
     assert history[-1]["measured_ms"] <= 50  # a 2-layer model decodes far under 50 ms/token
     assert "hardware in the loop 1" in proc.stderr
+
+
+def test_gptq_pass_writes_blocks_that_export_and_reload_keep(tmp_path):
+    from edgellm.model.loader import load_model
+    from tests.tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="F32")
+    recipe = tmp_path / "g.toml"
+    recipe.write_text('name = "g"\n[[passes]]\npass = "gptq"\nbits = 4\nsymmetric = true\ntokens = 256\nwindow = 128\n')
+    comp = tmp_path / "comp"
+    edgellm("compress", str(gguf), "--recipe", str(recipe), "-o", str(comp))
+    manifest = json.loads((comp / "compressed.json").read_text())
+    report = manifest["report"]["gptq"]
+    assert report["units"] == 8 and report["output_error_vs_rtn_median"] < 0.9  # GPTQ beats RTN on its inputs
+    reloaded = load_model(comp)
+    w = reloaded.weights["blk.1.ffn_down.weight"]
+    assert w.qtype == "BLOCKQ" and w.blocks.bits == 4
+    out = tmp_path / "onnx"
+    edgellm("export", "onnx", str(comp), "-o", str(out))
+    layers = json.loads((out / "manifest.json").read_text())["layers"]
+    assert layers["blk.1.ffn_down"] == "int4 gptq"
+    # damaged weights file: a clear error, not a traceback
+    (comp / "weights.npz").write_bytes(b"broken")
+    proc = edgellm("info", str(comp), check=False)
+    assert proc.returncode == 2 and "checksum mismatch" in proc.stderr

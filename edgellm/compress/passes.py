@@ -117,3 +117,91 @@ def _lossless_auto(model: ModelDescription) -> bool:
     return all(t.qtype in LOSSLESS_TRANSCODERS for n, t in model.weights.items() if n.startswith("blk.")
                and n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                                "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")))
+
+
+@dataclass(frozen=True)
+class GptqParams:
+    """GPTQ error correction for every linear unit, from activations on calibration text."""
+
+    bits: int = 4
+    symmetric: bool = False
+    block_size: int = 32
+    calibration: str = "asyoulik.txt"
+    tokens: int = 512
+    window: int = 256
+    damp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits {self.bits} unsupported; valid: 2, 4, 8")
+        if self.tokens < self.window or self.window < 2:
+            raise ValueError(f"need tokens >= window >= 2, found tokens={self.tokens} window={self.window}")
+
+
+@register_pass("gptq", GptqParams)
+def gptq_pass(state: CompressState, p: GptqParams) -> None:
+    """Quantize each fused unit with GPTQ on the inputs the unquantized model gives it (one-shot, not
+    layer-sequential); the results replace the weights and the plan keeps them as they are ("auto")."""
+    import numpy as np
+
+    from edgellm.compress.gptq import gptq_quantize
+    from edgellm.compress.sensitivity import SensitivityConfig, calibration_ids
+    from edgellm.compress.units import units
+    from edgellm.export.block_formats import quantize_rtn
+    from edgellm.model.weights import WeightTensor
+
+    inputs = _capture_unit_inputs(state.model, calibration_ids(
+        _tokenizer(state.model), SensitivityConfig(calibration=p.calibration, tokens=p.tokens, window=p.window)),
+        p.window)
+    ratios = []
+    todo = units(state.model.config)
+    iterator = todo
+    if state.progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(todo, desc="gptq", unit="unit")
+    for unit in iterator:
+        x = inputs[unit.name]
+        w = np.concatenate([state.model.weights.float(f"{m}.weight") for m in unit.members])
+        bq = gptq_quantize(w, x, p.bits, p.block_size, p.symmetric, p.damp, p.act_order)
+        rtn = quantize_rtn(w, p.bits, p.block_size, p.symmetric)
+        ref = x @ w.T
+        ratios.append(float(np.linalg.norm(ref - x @ bq.dequantize().T) / max(np.linalg.norm(ref - x @ rtn.dequantize().T), 1e-30)))
+        start = 0
+        for m in unit.members:
+            rows = state.model.weights[f"{m}.weight"].shape[0]
+            state.model.weights.replace(f"{m}.weight", WeightTensor.from_blocks(f"{m}.weight", bq.rows(start, start + rows)))
+            start += rows
+    state.plan = CompressionPlan(default="auto", lm_head=state.plan.lm_head, accuracy_level=state.plan.accuracy_level,
+                                 lm_head_accuracy_level=state.plan.lm_head_accuracy_level,
+                                 name=f"gptq-int{p.bits}{'-sym' if p.symmetric else ''}")
+    state.report["gptq"] = {"bits": p.bits, "symmetric": p.symmetric, "units": len(ratios),
+                            "output_error_vs_rtn_median": float(np.median(ratios)),
+                            "output_error_vs_rtn_max": float(np.max(ratios))}
+
+
+def _tokenizer(model: ModelDescription):
+    from edgellm.model.tokenizer import Tokenizer
+
+    return Tokenizer(model.tokenizer)
+
+
+def _capture_unit_inputs(model: ModelDescription, token_ids, window: int) -> dict:
+    """Run the float reference on calibration windows and keep every fused unit's input rows."""
+    import numpy as np
+    import torch
+
+    from edgellm.model.llama import LlamaModel
+
+    ref = LlamaModel(model)
+    ref.capture = {}
+    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+    with torch.no_grad():
+        for start in range(0, len(ids) - window + 1, window):
+            from edgellm.model.llama import KVCache
+
+            chunk = ids[start:start + window]
+            cache = KVCache.allocate(ref.config, 0, ref.config.n_layers, window)
+            ref.run_layers(ref.embed(chunk), cache, 0, ref.config.n_layers)
+    return {name: torch.cat(parts).numpy().astype(np.float32) for name, parts in ref.capture.items()}

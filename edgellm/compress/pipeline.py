@@ -24,6 +24,7 @@ from edgellm.model.description import ModelDescription
 
 COMPRESSED_MANIFEST = "compressed.json"
 COMPRESSED_FORMAT = "edgellm-compressed"
+WEIGHTS_FILE = "weights.npz"  # tensors a pass rewrote (e.g. GPTQ), in the exporters' block format
 
 
 def run_recipe(state: CompressState, recipe: Recipe) -> CompressState:
@@ -50,6 +51,11 @@ def write_compressed(state: CompressState, recipe: Recipe, out_dir: str | Path, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "plan.json").write_text(json.dumps(state.plan.to_dict(), indent=2))
+        quantized = {n: t.blocks for n, t in state.model.weights.items() if t.qtype == "BLOCKQ"}
+        if quantized:
+            _save_blocks(quantized, tmp / WEIGHTS_FILE)
+            manifest["weights"] = {"file": WEIGHTS_FILE, "tensors": sorted(quantized),
+                                   "sha256": sha256_file(tmp / WEIGHTS_FILE)}
         (tmp / COMPRESSED_MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))
         tmp.chmod(0o755)
         if out.exists():
@@ -80,6 +86,46 @@ def load_compressed(path: Path, verify: bool = True) -> ModelDescription:
     if verify and sha256_file(source) != manifest["source"]["sha256"]:
         raise ModelFormatError(f"{path}: source model {source} changed since compression (sha256 mismatch)")
     model = load_model(source)
+    if "weights" in manifest:
+        passes = "+".join(str(p.get("pass")) for p in manifest.get("recipe", {}).get("passes", []))
+        _load_blocks(path, manifest["weights"], model, label=passes or "pass")
     model.metadata["plan"] = plan
     model.metadata["compressed"] = manifest
     return model
+
+
+def _save_blocks(blocks: dict, path: Path) -> None:
+    import numpy as np
+
+    arrays = {}
+    for name, b in blocks.items():
+        arrays[f"{name}|packed"] = b.packed
+        arrays[f"{name}|scales"] = b.scales
+        arrays[f"{name}|meta"] = np.array([b.n, b.k, b.bits, b.block_size, b.zero_point], dtype=np.int64)
+        if b.block_offsets is not None:
+            arrays[f"{name}|offsets"] = b.block_offsets
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _load_blocks(directory: Path, info: dict, model: ModelDescription, label: str) -> None:
+    import numpy as np
+
+    from edgellm.export.block_formats import BlockQuantized
+    from edgellm.model.weights import WeightTensor
+
+    path = directory / str(info.get("file", WEIGHTS_FILE))
+    if not path.is_file() or sha256_file(path) != info.get("sha256"):
+        raise ModelFormatError(f"{path}: missing or changed since compression (checksum mismatch)")
+    with np.load(path) as data:
+        for name in info["tensors"]:
+            try:
+                n, k, bits, block, zp = (int(v) for v in data[f"{name}|meta"])
+                offsets = data[f"{name}|offsets"] if f"{name}|offsets" in data else None
+                b = BlockQuantized(n, k, bits, block, data[f"{name}|packed"], data[f"{name}|scales"], zp, offsets,
+                                   source=f"int{bits} {label}")
+            except KeyError as exc:
+                raise ModelFormatError(f"{path}: tensor {name} is incomplete ({exc})") from None
+            if name not in model.weights or tuple(model.weights[name].shape) != (n, k):
+                raise ModelFormatError(f"{path}: tensor {name} does not match the source model")
+            model.weights.replace(name, WeightTensor.from_blocks(name, b))

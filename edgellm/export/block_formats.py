@@ -47,6 +47,12 @@ class BlockQuantized:
             w = w + self.block_offsets.T[:, :, None]
         return w.reshape(self.n, self.k)
 
+    def rows(self, start: int, stop: int) -> BlockQuantized:
+        """Output rows [start, stop) (un-fusing a fused group such as Q|K|V)."""
+        offsets = None if self.block_offsets is None else self.block_offsets[:, start:stop].copy()
+        return BlockQuantized(stop - start, self.k, self.bits, self.block_size, self.packed[start:stop].copy(),
+                              self.scales[start:stop].copy(), self.zero_point, offsets, self.source)
+
     @property
     def nbytes(self) -> int:
         extra = 0 if self.block_offsets is None else self.block_offsets.nbytes

@@ -36,6 +36,8 @@ DATA_FILE = "model.onnx.data"
 def prepare_weight(tensor: WeightTensor, fmt: str) -> tuple[Weight, str]:
     """Storage for one linear layer under a plan format; returns (weight, description)."""
     if fmt == "auto":
+        if tensor.qtype == "BLOCKQ":  # already in the exporter's format (e.g. GPTQ): kept as is
+            return tensor.blocks, tensor.blocks.source
         if tensor.qtype in LOSSLESS_TRANSCODERS:
             bq = LOSSLESS_TRANSCODERS[tensor.qtype](tensor)
             return bq, bq.source

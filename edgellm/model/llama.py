@@ -71,6 +71,8 @@ class LlamaModel(torch.nn.Module):
                  "ffn_up", "ffn_down")
         self.layers = [{n: tensor(f"blk.{i}.{n}.weight") for n in names} for i in range(self.config.n_layers)]
         self.inv_freq = torch.from_numpy(inverse_frequencies(description))  # float64
+        # unit name -> list of (T, K) inputs; set to a dict to record what each fused linear group sees
+        self.capture: dict[str, list[torch.Tensor]] | None = None
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding[token_ids]  # (T, hidden)
@@ -99,6 +101,7 @@ class LlamaModel(torch.nn.Module):
         cfg, p = self.config, self.layers[i]
         t = x.shape[0]
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        self._record(f"blk.{i}.attn_qkv", h)
         q = (h @ p["attn_q"].T).view(t, cfg.n_heads, cfg.head_dim)  # (T, n_head, d)
         k = (h @ p["attn_k"].T).view(t, cfg.n_kv_heads, cfg.head_dim)  # (T, n_kv, d)
         v = (h @ p["attn_v"].T).view(t, cfg.n_kv_heads, cfg.head_dim)
@@ -109,11 +112,19 @@ class LlamaModel(torch.nn.Module):
         keys = cache.keys[slot, :pos0 + t]  # (S, n_kv, d)
         values = cache.values[slot, :pos0 + t]
         attn = self._attention(q, keys, values, pos0)  # (T, n_head * d)
+        self._record(f"blk.{i}.attn_output", attn)
         x = x + attn @ p["attn_output"].T
         h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
+        self._record(f"blk.{i}.ffn_gate_up", h)
         gate = h @ p["ffn_gate"].T
         up = h @ p["ffn_up"].T
-        return x + (torch.nn.functional.silu(gate) * up) @ p["ffn_down"].T
+        act = torch.nn.functional.silu(gate) * up
+        self._record(f"blk.{i}.ffn_down", act)
+        return x + act @ p["ffn_down"].T
+
+    def _record(self, unit: str, inputs: torch.Tensor) -> None:
+        if self.capture is not None:
+            self.capture.setdefault(unit, []).append(inputs.detach().clone())
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos0: int) -> torch.Tensor:
         cfg = self.config

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ class WeightTensor:
     shape: tuple[int, ...]
     qtype: str  # "F32", "F16", "BF16", "Q4_1", "Q8_0", "Q4_K", ...
     raw: np.ndarray | None = None  # file blocks as stored (uint8 rows for quantized types)
+    blocks: Any = None  # qtype "BLOCKQ": a BlockQuantized a compression pass produced (exporters keep it)
     _dequantize: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     _float: np.ndarray | None = field(default=None, repr=False)
 
@@ -47,6 +49,11 @@ class WeightTensor:
     def from_array(cls, name: str, values: np.ndarray) -> WeightTensor:
         values = np.ascontiguousarray(values, dtype=np.float32)
         return cls(name=name, shape=tuple(values.shape), qtype="F32", raw=values, _float=values)
+
+    @classmethod
+    def from_blocks(cls, name: str, blocks: Any) -> WeightTensor:
+        """A linear weight held as a pass's block-quantized result; its float view is the dequantization."""
+        return cls(name=name, shape=(blocks.n, blocks.k), qtype="BLOCKQ", blocks=blocks, _dequantize=blocks.dequantize)
 
     @property
     def nbytes(self) -> int:
