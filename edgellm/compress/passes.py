@@ -141,67 +141,80 @@ class GptqParams:
 
 @register_pass("gptq", GptqParams)
 def gptq_pass(state: CompressState, p: GptqParams) -> None:
-    """Quantize each fused unit with GPTQ on the inputs the unquantized model gives it (one-shot, not
-    layer-sequential); the results replace the weights and the plan keeps them as they are ("auto")."""
+    """Quantize layer by layer with GPTQ: each layer's units see the inputs the already-quantized earlier
+    layers produce (as in the paper); the results replace the weights and the plan keeps them ("auto")."""
     import numpy as np
+    import torch
 
-    from edgellm.compress.gptq import gptq_quantize
     from edgellm.compress.sensitivity import SensitivityConfig, calibration_ids
     from edgellm.compress.units import units
-    from edgellm.export.block_formats import quantize_rtn
-    from edgellm.model.weights import WeightTensor
+    from edgellm.model.llama import KVCache, LlamaModel
 
-    inputs = _capture_unit_inputs(state.model, calibration_ids(
-        _tokenizer(state.model), SensitivityConfig(calibration=p.calibration, tokens=p.tokens, window=p.window)),
-        p.window)
-    ratios = []
-    todo = units(state.model.config)
-    iterator = todo
+    model = state.model
+    ids = calibration_ids(_tokenizer(model), SensitivityConfig(calibration=p.calibration, tokens=p.tokens,
+                                                                window=p.window))
+    ref = LlamaModel(model)
+    cfg = ref.config
+    tokens = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    with torch.no_grad():
+        hidden = [ref.embed(tokens[s:s + p.window]) for s in range(0, len(tokens) - p.window + 1, p.window)]
+    by_layer: dict[int, list] = {}
+    for u in units(cfg):
+        by_layer.setdefault(u.layer, []).append(u)
+    ratios: list[float] = []
+    layers = range(cfg.n_layers)
     if state.progress:
         from tqdm import tqdm
 
-        iterator = tqdm(todo, desc="gptq", unit="unit")
-    for unit in iterator:
-        x = inputs[unit.name]
-        w = np.concatenate([state.model.weights.float(f"{m}.weight") for m in unit.members])
-        bq = gptq_quantize(w, x, p.bits, p.block_size, p.symmetric, p.damp, p.act_order)
-        rtn = quantize_rtn(w, p.bits, p.block_size, p.symmetric)
-        ref = x @ w.T
-        ratios.append(float(np.linalg.norm(ref - x @ bq.dequantize().T) / max(np.linalg.norm(ref - x @ rtn.dequantize().T), 1e-30)))
-        start = 0
-        for m in unit.members:
-            rows = state.model.weights[f"{m}.weight"].shape[0]
-            state.model.weights.replace(f"{m}.weight", WeightTensor.from_blocks(f"{m}.weight", bq.rows(start, start + rows)))
-            start += rows
+        layers = tqdm(layers, desc="gptq", unit="layer")
+    for i in layers:
+        ref.capture = {}
+        with torch.no_grad():
+            for h in hidden:  # record this layer's unit inputs (earlier layers already quantized)
+                ref.run_layers(h, KVCache.allocate(cfg, i, i + 1, h.shape[0]), i, i + 1)
+        inputs = {name: torch.cat(parts).numpy().astype(np.float32) for name, parts in ref.capture.items()}
+        ref.capture = None
+        for unit in by_layer[i]:
+            ratios.append(_gptq_unit(state, ref, unit, inputs[unit.name], p))
+        with torch.no_grad():  # advance the calibration stream through the quantized layer
+            hidden = [ref.run_layers(h, KVCache.allocate(cfg, i, i + 1, h.shape[0]), i, i + 1) for h in hidden]
     state.plan = CompressionPlan(default="auto", lm_head=state.plan.lm_head, accuracy_level=state.plan.accuracy_level,
                                  lm_head_accuracy_level=state.plan.lm_head_accuracy_level,
                                  name=f"gptq-int{p.bits}{'-sym' if p.symmetric else ''}")
     state.report["gptq"] = {"bits": p.bits, "symmetric": p.symmetric, "units": len(ratios),
+                            "calibration_tokens": len(ids),
                             "output_error_vs_rtn_median": float(np.median(ratios)),
                             "output_error_vs_rtn_max": float(np.max(ratios))}
+
+
+def _gptq_unit(state: CompressState, ref, unit, x, p: GptqParams) -> float:
+    """GPTQ one fused unit, write its member weights back (description and live model); returns the
+    calibration output error relative to round-to-nearest."""
+    import numpy as np
+    import torch
+
+    from edgellm.compress.gptq import gptq_quantize
+    from edgellm.export.block_formats import quantize_rtn
+    from edgellm.model.weights import WeightTensor
+
+    weights = state.model.weights
+    w = np.concatenate([weights.float(f"{m}.weight") for m in unit.members])
+    bq = gptq_quantize(w, x, p.bits, p.block_size, p.symmetric, p.damp, p.act_order)
+    rtn = quantize_rtn(w, p.bits, p.block_size, p.symmetric)
+    exact = x @ w.T
+    ratio = float(np.linalg.norm(exact - x @ bq.dequantize().T) /
+                  max(float(np.linalg.norm(exact - x @ rtn.dequantize().T)), 1e-30))
+    start = 0
+    for m in unit.members:
+        rows = weights[f"{m}.weight"].shape[0]
+        part = bq.rows(start, start + rows)
+        weights.replace(f"{m}.weight", WeightTensor.from_blocks(f"{m}.weight", part))
+        ref.layers[unit.layer][m.split(".", 2)[2]] = torch.from_numpy(part.dequantize())
+        start += rows
+    return ratio
 
 
 def _tokenizer(model: ModelDescription):
     from edgellm.model.tokenizer import Tokenizer
 
     return Tokenizer(model.tokenizer)
-
-
-def _capture_unit_inputs(model: ModelDescription, token_ids, window: int) -> dict:
-    """Run the float reference on calibration windows and keep every fused unit's input rows."""
-    import numpy as np
-    import torch
-
-    from edgellm.model.llama import LlamaModel
-
-    ref = LlamaModel(model)
-    ref.capture = {}
-    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-    with torch.no_grad():
-        for start in range(0, len(ids) - window + 1, window):
-            from edgellm.model.llama import KVCache
-
-            chunk = ids[start:start + window]
-            cache = KVCache.allocate(ref.config, 0, ref.config.n_layers, window)
-            ref.run_layers(ref.embed(chunk), cache, 0, ref.config.n_layers)
-    return {name: torch.cat(parts).numpy().astype(np.float32) for name, parts in ref.capture.items()}
