@@ -131,8 +131,11 @@ class GptqParams:
     window: int = 256
     damp: float = 0.01
     act_order: bool = False
+    skip_first: int = 0  # leading positions of each window left out of H (attention-sink rows dominate it)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.skip_first < self.window:
+            raise ValueError(f"skip_first must be in [0, window), found {self.skip_first}")
         if self.bits not in (2, 4, 8):
             raise ValueError(f"bits {self.bits} unsupported; valid: 2, 4, 8")
         if self.tokens < self.window or self.window < 2:
@@ -172,7 +175,8 @@ def gptq_pass(state: CompressState, p: GptqParams) -> None:
         with torch.no_grad():
             for h in hidden:  # record this layer's unit inputs (earlier layers already quantized)
                 ref.run_layers(h, KVCache.allocate(cfg, i, i + 1, h.shape[0]), i, i + 1)
-        inputs = {name: torch.cat(parts).numpy().astype(np.float32) for name, parts in ref.capture.items()}
+        inputs = {name: torch.cat([part[p.skip_first:] for part in parts]).numpy().astype(np.float32)
+                  for name, parts in ref.capture.items()}
         ref.capture = None
         for unit in by_layer[i]:
             ratios.append(_gptq_unit(state, ref, unit, inputs[unit.name], p))
