@@ -324,8 +324,9 @@ def _default_cache() -> Path:
 
 def _fixed_bytes(cfg) -> int:
     """What every plan keeps: Q8_0 embedding gather + 8-bit lm_head, rope tables, norms."""
-    blocks = cfg.vocab_size * cfg.hidden_size // 32
-    q8 = cfg.vocab_size * cfg.hidden_size + 4 * blocks
+    from edgellm.compress.units import format_bytes
+
+    q8 = format_bytes("int8", cfg.hidden_size, cfg.vocab_size)
     return 2 * q8 + 2 * cfg.context_length * cfg.head_dim // 2 * 4 + (2 * cfg.n_layers + 1) * cfg.hidden_size * 4
 
 

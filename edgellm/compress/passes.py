@@ -113,10 +113,10 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
 
 def _lossless_auto(model: ModelDescription) -> bool:
     from edgellm.export.block_formats import LOSSLESS_TRANSCODERS
+    from edgellm.model.tensor_names import LINEAR_ROLES
 
-    return all(t.qtype in LOSSLESS_TRANSCODERS for n, t in model.weights.items() if n.startswith("blk.")
-               and n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                               "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")))
+    return all(model.weights[f"blk.{i}.{role}.weight"].qtype in LOSSLESS_TRANSCODERS
+               for i in range(model.config.n_layers) for role in LINEAR_ROLES)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.compress.plan import FORMATS
+from edgellm.compress.units import UNIT_ROLES, unit_shapes
 from edgellm.errors import ConfigError, UnknownNameError, unknown_name
 
 if sys.version_info >= (3, 11):
@@ -298,17 +299,10 @@ def _dumps(data: dict[str, Any]) -> str:
 # role of a linear as the ONNX graph runs it (Q|K|V and gate|up fused) -> (K, N) from the model config
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
     """Distinct linear roles of a Llama graph with fused QKV and gate/up, as (K, N)."""
-    return {
-        "attn_qkv": (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size),
-        "attn_output": (cfg.q_size, cfg.hidden_size),
-        "ffn_gate_up": (cfg.hidden_size, 2 * cfg.ffn_size),
-        "ffn_down": (cfg.ffn_size, cfg.hidden_size),
-        "lm_head": (cfg.hidden_size, cfg.vocab_size),
-    }
+    return {**unit_shapes(cfg), "lm_head": (cfg.hidden_size, cfg.vocab_size)}
 
 
-FUSED_PARTS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
-               "ffn_gate_up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
+FUSED_PARTS = UNIT_ROLES
 
 # an export manifest's layer description (onnx_export.prepare_weight) -> the cost format whose graph it has.
 # Q4_1 transcodes carry block offsets like int4 RTN asymmetric, so they run the same graph and cost the same.

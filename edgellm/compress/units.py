@@ -33,13 +33,18 @@ class Unit:
         return self.k * self.n
 
 
-def units(config: ModelConfig) -> list[Unit]:
-    shapes = {
+def unit_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(K, N) of each unit role as the graph runs it (Q|K|V and gate|up fused)."""
+    return {
         "attn_qkv": (config.hidden_size, config.q_size + 2 * config.kv_size),
         "attn_output": (config.q_size, config.hidden_size),
         "ffn_gate_up": (config.hidden_size, 2 * config.ffn_size),
         "ffn_down": (config.ffn_size, config.hidden_size),
     }
+
+
+def units(config: ModelConfig) -> list[Unit]:
+    shapes = unit_shapes(config)
     out = []
     for i in range(config.n_layers):
         for role, members in UNIT_ROLES.items():

@@ -44,10 +44,13 @@ class ModelDescription:
 
     def validate(self) -> None:
         """Check every tensor the architecture needs is present with the right shape."""
-        present = {n.split(".")[1] for n in self.weights if n.startswith("blk.")}
-        if self.config.n_layers > len(present):  # checked first: a corrupt count may be huge
+        # checked first: a corrupt count (e.g. 4e9) must fail before every expected name is listed
+        present = {int(p[1]) for p in (n.split(".", 2) for n in self.weights) if p[0] == "blk" and p[1].isdigit()}
+        if self.config.n_layers > len(present):
+            first_missing = min(set(range(len(present) + 1)) - present)
             raise MissingTensorError(
-                f"{self.source}: config says {self.config.n_layers} layers, tensors exist for {len(present)}"
+                f"{self.source}: the model config says {self.config.n_layers} layers (n_layers), but the file holds tensors "
+                f"for {len(present)}; e.g. no tensors for blk.{first_missing}"
             )
         missing: list[str] = []
         wrong: list[str] = []

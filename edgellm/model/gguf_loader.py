@@ -22,7 +22,6 @@ import numpy as np
 
 from edgellm.errors import (
     ConfigError,
-    MissingTensorError,
     ModelFormatError,
     UnsupportedArchitectureError,
     UnsupportedTensorTypeError,
@@ -78,7 +77,6 @@ def load_gguf(path: str | Path) -> ModelDescription:
         file_type=_dominant_quant_type(type_counts),
         metadata={k: v for k, v in fields.items() if not k.startswith("tokenizer.ggml.")},
     )
-    _check_layer_count(path, config, weights)
     description.validate()
     return description
 
@@ -345,19 +343,6 @@ def _dequantizer(data: np.ndarray, tensor_type: Any, qtype: str, gguf: Any):
     if qtype in FLOAT_TYPES:
         return lambda: np.asarray(data, dtype=np.float32)
     return lambda: gguf.quants.dequantize(data, tensor_type)
-
-
-def _check_layer_count(path: Path, config: ModelConfig, weights: ModelWeights) -> None:
-    """Catch a block count far beyond the tensors present before `validate` lists every expected name
-    (a corrupt count of 4e9 layers would otherwise build a 4e9-entry dict)."""
-    present = {int(p[1]) for p in (n.split(".", 2) for n in weights) if p[0] == "blk" and p[1].isdigit()}
-    if config.n_layers <= len(present):  # bounded by the tensor count: `validate` names what is missing
-        return
-    first_missing = min(set(range(len(present) + 1)) - present)
-    raise MissingTensorError(
-        f"{path}: metadata says {config.n_layers} layers ({config.architecture}.block_count), but the file "
-        f"holds tensors for {len(present)}; e.g. no tensors for blk.{first_missing}"
-    )
 
 
 def _check_dequantizable(path: Path, name: str, tensor_type: Any, type_size: int) -> None:
