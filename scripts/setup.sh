@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 profile="${1:-demo}"
 case "$profile" in
   demo) extras="ort" ;;
-  dev)  extras="reference,compress,ort,bench,dev" ;;
+  dev)  extras="reference,compress,ort,bench,serve,dev" ;;
   *) echo "setup.sh: unknown profile '$profile' (valid: demo, dev)" >&2; exit 2 ;;
 esac
 PY="${PYTHON:-python3}"
