@@ -67,3 +67,19 @@ def missing_extra(package: str, extra: str) -> BackendUnavailableError:
     return BackendUnavailableError(
         f"{package} is not installed; install it with: pip install 'edgellm[{extra}]'"
     )
+
+
+class CloudError(EdgeLLMError, RuntimeError):
+    """The offload service could not do what was asked; the device can fall back to local."""
+
+
+class CloudUnavailableError(CloudError):
+    """Connection refused, timed out, or the server answered 503 (draining/preempted)."""
+
+
+class CloudSessionLostError(CloudError):
+    """The server no longer has the session (404/410): its KV cache must be rebuilt elsewhere."""
+
+
+class CloudRejectedError(CloudError):
+    """The server refused the request (4xx other than 404/410): a bug or a misconfiguration, not a fault."""

@@ -1,0 +1,1 @@
+"""Edge-cloud offload: split a model's layers between this device and a cloud service (see PROTOCOL.md)."""
