@@ -14,15 +14,15 @@ from tests.test_cli import edgellm
 
 
 def test_unknown_pass_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown pass 'prune-magic'; valid passes: allocate, gptq, quantize"):
+    with pytest.raises(ConfigError, match=r"unknown pass 'prune-magic'; valid passes: allocate, .*gptq, .*quantize"):
         parse_recipe({"name": "x", "passes": [{"pass": "prune-magic"}]}, "inline")
 
 
 def test_bad_parameter_names_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['bitz'\]; valid: accuracy_level, format, lm_head"):
         parse_recipe({"name": "x", "passes": [{"pass": "quantize", "bitz": 3}]}, "inline")
-    with pytest.raises(ConfigError, match=r"format 'int3' unknown; valid: auto, fp32, int8"):
-        parse_recipe({"name": "x", "passes": [{"pass": "quantize", "format": "int3"}]}, "inline")
+    with pytest.raises(ConfigError, match=r"format 'int5' unknown; valid: auto, fp32, int8"):
+        parse_recipe({"name": "x", "passes": [{"pass": "quantize", "format": "int5"}]}, "inline")
     with pytest.raises(ConfigError, match="recipe field 'passes' is missing"):
         parse_recipe({"name": "x"}, "inline")
 
@@ -40,7 +40,7 @@ def test_shipped_recipes_parse():
 @pytest.mark.parametrize("data, message", [
     ({"overrides": ["int4"]}, "overrides must map"),
     ({"accuracy_level": True}, "accuracy_level must be 0-4"),
-    ({"default": "int3"}, "format 'int3' for default is unknown"),
+    ({"default": "int5"}, "format 'int5' for default is unknown"),
     ({"colour": "red"}, "unknown fields"),
 ])
 def test_bad_plans(data, message, tmp_path):

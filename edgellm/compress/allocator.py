@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgellm.compress.plan import CompressionPlan
+from edgellm.compress.plan import QUANT_FORMATS, CompressionPlan
 from edgellm.compress.units import Unit, format_bytes
 from edgellm.errors import ConfigError
 
@@ -53,7 +53,7 @@ def _options(units: Sequence[Unit], formats: Sequence[str], loss: Mapping[str, M
             if f not in loss.get(u.name, {}):
                 raise ConfigError(f"no sensitivity for unit {u.name} in format {f}; measure it first")
             kl[i, j] = max(0.0, loss[u.name][f])
-            size[i, j] = format_bytes(f, u.k, u.n)
+            size[i, j] = QUANT_FORMATS[f].nbytes(u.k, u.n) if f in QUANT_FORMATS else format_bytes(f, u.k, u.n)
             lat[i, j] = cost_us(u, f) if cost_us else 0.0
     return kl, size, lat
 

@@ -7,6 +7,13 @@ Formats:
   int4      4-bit asymmetric round-to-nearest, blocks of 32 (min/scale per block, exact offset path)
   int4-sym  4-bit symmetric round-to-nearest, blocks of 32 (no offset: the cheapest 4-bit graph)
   int2      2-bit asymmetric round-to-nearest, blocks of 32 (offset path)
+
+Every group-wise round-to-nearest format is named int{bits}[-sym][-g{group}]: bits 2, 3, 4, 8 (8 is
+symmetric only, so plain "int8"), asymmetric unless "-sym", groups of 32 (the default) / 64 / 128.
+QUANT_FORMATS holds them all as data. ONNX Runtime 1.32's MatMulNBits runs 2, 4 and 8 bits only
+("Only 2b, 4b and 8b quantization is supported", measured), so 3-bit plans run on the reference backend
+(dequantized weights) and the ONNX exporter refuses them. The exporter quantizes by name only the
+RTN_FORMATS (blocks of 32); edgellm.compress.rtn.materialize turns any plan into stored blocks first.
 """
 
 from __future__ import annotations
@@ -18,10 +25,49 @@ from pathlib import Path
 
 from edgellm.errors import ConfigError
 
-FORMATS = ("auto", "fp32", "int8", "int4", "int4-sym", "int2")
-# (bits, symmetric) of each round-to-nearest format
-RTN_FORMATS: dict[str, tuple[int, bool]] = {"int8": (8, True), "int4": (4, False), "int4-sym": (4, True),
-                                             "int2": (2, False)}
+ORT_MATMULNBITS_BITS = (2, 4, 8)  # what ONNX Runtime 1.32's MatMulNBits accepts (3 is refused at load)
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """Group-wise round-to-nearest: `bits` per weight, per group of `group` weights along K one fp32
+    scale, and for asymmetric formats one fp32 offset (the group minimum, applied by the offset path)."""
+
+    bits: int
+    symmetric: bool
+    group: int = 32
+
+    def nbytes(self, k: int, n: int) -> int:
+        """Bytes of one K x N linear as edgellm stores it: packed codes + fp32 scales (+ fp32 offsets)."""
+        groups = k * n // self.group
+        return k * n * self.bits // 8 + groups * FP32_BYTES * (1 if self.symmetric else 2)
+
+    def bits_per_weight(self) -> float:
+        return self.bits + FP32_BYTES * 8 * (1 if self.symmetric else 2) / self.group
+
+    @property
+    def onnx_runnable(self) -> bool:
+        return self.bits in ORT_MATMULNBITS_BITS
+
+
+def _quant_formats() -> dict[str, QuantFormat]:
+    table = {"int8": QuantFormat(8, True), "int4": QuantFormat(4, False), "int4-sym": QuantFormat(4, True),
+             "int2": QuantFormat(2, False)}  # the original four first (error messages list them first)
+    for bits in (2, 3, 4, 8):
+        for symmetric in ((True,) if bits == 8 else (False, True)):
+            for group in (32, 64, 128):
+                name = f"int{bits}{'-sym' if symmetric and bits != 8 else ''}{'' if group == 32 else f'-g{group}'}"
+                table.setdefault(name, QuantFormat(bits, symmetric, group))
+    return table
+
+
+QUANT_FORMATS: dict[str, QuantFormat] = _quant_formats()
+FORMATS = ("auto", "fp32", *QUANT_FORMATS)
+# (bits, symmetric) of the round-to-nearest formats the ONNX exporter quantizes by name (blocks of 32; the
+# cost tables and the exporter's layer descriptions know exactly these)
+RTN_FORMATS: dict[str, tuple[int, bool]] = {name: (QUANT_FORMATS[name].bits, QUANT_FORMATS[name].symmetric)
+                                             for name in ("int8", "int4", "int4-sym", "int2")}
 
 
 @dataclass(frozen=True)

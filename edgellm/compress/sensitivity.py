@@ -70,7 +70,7 @@ def measure_sensitivity(description: ModelDescription, token_ids: Sequence[int],
                         progress: bool = False, only: Sequence[Unit] | None = None) -> SensitivityTable:
     import torch
 
-    from edgellm.export.onnx_export import prepare_weight
+    from edgellm.compress.rtn import dequantized_weight  # every plan format, 3-bit and groups of 64/128 too
     from edgellm.model.llama import KVCache, LlamaModel
 
     model = LlamaModel(description)
@@ -106,8 +106,7 @@ def measure_sensitivity(description: ModelDescription, token_ids: Sequence[int],
         saved = {}
         for member in unit.members:
             role = member.split(".", 2)[2]
-            weight, _ = prepare_weight(description.weights[f"{member}.weight"], fmt)
-            values = weight if isinstance(weight, np.ndarray) else weight.dequantize()
+            values = dequantized_weight(description.weights[f"{member}.weight"], fmt)
             saved[role] = model.layers[unit.layer][role]
             model.layers[unit.layer][role] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
         kl = 0.0

@@ -60,7 +60,8 @@ class BlockQuantized:
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """(..., K) unsigned ints -> (..., K*bits/8) uint8, element 2i in the low nibble for 4 bits."""
+    """(..., K) unsigned ints -> (..., K*bits/8) uint8: a little-endian bit stream (element i in bits
+    [bits*i, bits*i + bits)), so element 2i sits in the low nibble for 4 bits. 3 bits: K a multiple of 8."""
     q = q.astype(np.uint8)
     if bits == 8:
         return q
@@ -68,12 +69,21 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         return (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
     if bits == 2:
         return (q[..., 0::4] & 3) | ((q[..., 1::4] & 3) << 2) | ((q[..., 2::4] & 3) << 4) | ((q[..., 3::4] & 3) << 6)
-    raise ConfigError(f"MatMulNBits packing supports 2, 4 and 8 bits, not {bits}")
+    if bits == 3:
+        if q.shape[-1] % 8:
+            raise ConfigError(f"3-bit packing needs a multiple of 8 values per row, found {q.shape[-1]}")
+        stream = (q[..., None] >> np.arange(3, dtype=np.uint8)) & 1  # (..., K, 3) bits, low first
+        return np.packbits(stream.reshape(*q.shape[:-1], -1), axis=-1, bitorder="little")
+    raise ConfigError(f"block packing supports 2, 3, 4 and 8 bits, not {bits}")
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return packed.astype(np.uint8)
+    if bits == 3:
+        stream = np.unpackbits(packed, axis=-1, bitorder="little")
+        groups = stream.reshape(*packed.shape[:-1], -1, 3)
+        return (groups[..., 0] | (groups[..., 1] << 1) | (groups[..., 2] << 2)).astype(np.uint8)
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     parts = [(packed >> (bits * i)) & mask for i in range(per_byte)]
@@ -142,3 +152,14 @@ def quantize_rtn(weights: np.ndarray, bits: int, block_size: int = 32, symmetric
     offsets = (lo + zero * scales).T.astype(np.float32).copy()  # asymmetric via the same offset path
     return BlockQuantized(n, k, bits, block_size, pack(q, bits).reshape(n, k // block_size, -1), scales,
                           zero, offsets, source=f"int{bits} RTN asymmetric")
+
+
+def quantize_format(weights: np.ndarray, fmt: str) -> BlockQuantized:
+    """Round-to-nearest of float weights (N, K) in any named plan format (edgellm.compress.plan.QUANT_FORMATS),
+    e.g. "int3-sym-g128": 3 bits, symmetric, one scale per 128 weights."""
+    from edgellm.compress.plan import QUANT_FORMATS
+
+    if fmt not in QUANT_FORMATS:
+        raise ConfigError(f"{fmt!r} is not a round-to-nearest format; valid: {', '.join(QUANT_FORMATS)}")
+    spec = QUANT_FORMATS[fmt]
+    return quantize_rtn(weights, spec.bits, spec.group, symmetric=spec.symmetric)
