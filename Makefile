@@ -3,9 +3,12 @@
 
 PROMPT ?= Explain in two sentences why small language models matter on edge devices.
 
-# The whole product on the default model: lossless export to ONNX, then streaming chat on ONNX Runtime.
+# The whole product on the default model: compress (recipe models/recipes/$(RECIPE).toml) -> export to
+# ONNX -> streaming chat on ONNX Runtime. RECIPE=rtn-int4 (or any recipe) swaps the compression step.
+RECIPE ?= lossless
 demo: setup
-	.venv/bin/edgellm export onnx -o .cache/demo-onnx --force
+	.venv/bin/edgellm compress --recipe $(RECIPE) -o .cache/demo-compressed --force
+	.venv/bin/edgellm export onnx .cache/demo-compressed -o .cache/demo-onnx --force
 	.venv/bin/edgellm generate .cache/demo-onnx --chat -p "$(PROMPT)" -n 96 --greedy
 
 test: setup-dev
