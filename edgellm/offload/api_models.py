@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -52,16 +54,23 @@ class Capabilities(BaseModel):
     profile: Profile | None
 
 
-class CreateSession(_Strict):
-    model_sha256: str = Field(max_length=128, description="sha256 of the device's model file")
-    start: int = Field(ge=0, description="first layer the server runs; it runs [start, n_layers) + head")
-    max_tokens: int = Field(ge=1, description="context this session may fill")
+def request_models(n_layers: int, context_length: int, vocab_size: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(CreateSession, MoveSplit) bounded by this model's shapes, so the published schema is exact and an
+    out-of-range value is a 422 before any handler runs."""
 
+    class CreateSession(_Strict):
+        model_sha256: str = Field(max_length=128, description="sha256 of the device's model file")
+        start: int = Field(ge=0, le=n_layers - 1, description="first server layer: it runs [start, n_layers) + head")
+        max_tokens: int = Field(ge=1, le=context_length, description="context this session may fill")
 
-class MoveSplit(_Strict):
-    start: int = Field(ge=0, description="new first server layer")
-    position: int = Field(ge=0, description="tokens cached on both sides; below the current one rolls back")
-    token_ids: list[int] | None = Field(None, description="the history, to recompute joining layers' KV")
+    class MoveSplit(_Strict):
+        start: int = Field(ge=0, le=n_layers - 1, description="new first server layer")
+        position: int = Field(ge=0, le=context_length,
+                              description="tokens cached on both sides; below the current one rolls back")
+        token_ids: list[Annotated[int, Field(ge=0, le=vocab_size - 1)]] | None = Field(
+            None, max_length=context_length, description="the token history, to recompute joining layers' KV")
+
+    return CreateSession, MoveSplit
 
 
 class SessionInfo(BaseModel):

@@ -7,8 +7,8 @@ Compute runs in the threadpool so one long prefill does not stall other sessions
 refusal is JSON {"error", "detail"} with a documented 4xx (a 5xx other than 503 is a bug).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the routes are built inside create_app with request models bounded
+# by the model's shapes, and FastAPI must see those local classes as objects, not as strings.
 import asyncio
 import contextlib
 import hmac
@@ -18,24 +18,24 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from edgellm import __version__
 from edgellm.errors import ConfigError, ContextOverflowError
 from edgellm.offload import wire
 from edgellm.offload.api_models import (
     Capabilities,
-    CreateSession,
     DrainState,
     ErrorBody,
     Health,
-    MoveSplit,
     SessionInfo,
+    request_models,
 )
 from edgellm.offload.server_profile import ServerProfile, measure_server_profile
 from edgellm.offload.service import OffloadService
@@ -89,6 +89,16 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def _tensor_ok(description: str) -> dict[int | str, dict[str, Any]]:
     return {200: {"description": description, "content": {wire.CONTENT_TYPE: _BINARY}}}
+
+
+_SESSION_ID = {"session_id": "$response.body#/session_id"}
+SESSION_LINKS = {  # OpenAPI links: what a created session's id feeds (clients and fuzzers follow them)
+    "Forward": {"operationId": "forward", "parameters": {**_SESSION_ID, "position": "$response.body#/position"}},
+    "MoveSplit": {"operationId": "move_split", "parameters": _SESSION_ID},
+    "UploadKV": {"operationId": "upload_kv", "parameters": _SESSION_ID},
+    "DownloadKV": {"operationId": "download_kv", "parameters": _SESSION_ID},
+    "DeleteSession": {"operationId": "delete_session", "parameters": _SESSION_ID},
+}
 
 
 # -- plumbing -----------------------------------------------------------------------------------------------------
@@ -182,6 +192,15 @@ def _require_tensor_body(request: Request) -> None:
         raise ApiError(415, "unsupported_media_type", f"body must be {wire.CONTENT_TYPE}, found {media or 'none'!r}")
 
 
+def _allowed_methods(app: FastAPI, scope: dict) -> str:
+    """Every method some route serves at this path (the same path may have several routes)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -198,10 +217,13 @@ def _install_error_handlers(app: FastAPI) -> None:
                             status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette lists only the first matching route's methods
+            headers["Allow"] = _allowed_methods(app, request.scope)
         return JSONResponse({"error": code, "detail": _one_line(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
@@ -246,13 +268,18 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
 
     public = APIRouter(prefix="/v1")
     private = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    n_layers, context, vocab = int(cfg.n_layers), int(cfg.context_length), int(cfg.vocab_size)  # GGUF: numpy ints
+    CreateSession, MoveSplit = request_models(n_layers, context, vocab)
+    session_id_path = Path(max_length=64, description="id from POST /v1/sessions")
+    position_query = Query(ge=0, le=context, description="tokens the session holds (stale: 409)")
+    layer_query = Query(ge=0, le=n_layers, description="layer index (start inclusive, stop exclusive)")
 
-    @public.get("/health", response_model=Health, responses=_errors(503))
+    @public.get("/health", operation_id="health", response_model=Health, responses=_errors(503))
     def health(request: Request) -> dict:
         refuse_when_draining(request)
         return {"status": "ok", "version": __version__}
 
-    @private.get("/capabilities", response_model=Capabilities, responses=_errors(401))
+    @private.get("/capabilities", operation_id="capabilities", response_model=Capabilities, responses=_errors(401))
     def capabilities() -> dict:
         return {
             "model_id": model_id, "model_sha256": service.model_sha256, "n_layers": cfg.n_layers,
@@ -265,17 +292,19 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
             "profile": profile.as_dict() if profile else None,
         }
 
-    @private.post("/sessions", status_code=201, response_model=SessionInfo,
-                  responses=_errors(400, 401, 409, 429, 503, 507),
+    @private.post("/sessions", operation_id="create_session", status_code=201, response_model=SessionInfo,
+                  responses={201: {"description": "session opened", "links": SESSION_LINKS},
+                             **_errors(400, 401, 409, 429, 503, 507)},
                   dependencies=[Depends(refuse_when_draining)])
     async def create_session(req: CreateSession) -> dict:
         return await _in_thread(service.create, req.model_sha256, req.start, req.max_tokens)
 
-    @private.post("/sessions/{session_id}/forward", response_class=Response, openapi_extra=TENSOR_REQUEST,
+    @private.post("/sessions/{session_id}/forward", operation_id="forward", response_class=Response,
+                  openapi_extra=TENSOR_REQUEST,
                   responses={**_tensor_ok("float32 logits (1 or T, vocab) or int32 (1,) token"),
                              **_errors(400, 401, 404, 409, 410, 415, 503)},
                   dependencies=[Depends(refuse_when_draining)])
-    async def forward(request: Request, session_id: str, position: int = Query(ge=0),
+    async def forward(request: Request, session_id: str = session_id_path, position: int = position_query,
                       output: Literal["logits", "hidden", "token"] = "logits",
                       all_logits: bool = Query(False, alias="all", description="logits of every new position"),
                       ) -> Response:
@@ -285,37 +314,40 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
         return Response(result.payload, media_type=wire.CONTENT_TYPE,
                         headers={SERVER_MS_HEADER: f"{result.compute_ms:.3f}"})
 
-    @private.patch("/sessions/{session_id}", response_model=SessionInfo,
+    @private.patch("/sessions/{session_id}", operation_id="move_split", response_model=SessionInfo,
                    responses=_errors(400, 401, 404, 409, 410, 503, 507),
                    dependencies=[Depends(refuse_when_draining)])
-    async def move_split(session_id: str, req: MoveSplit) -> dict:
+    async def move_split(req: MoveSplit, session_id: str = session_id_path) -> dict:
         return await _in_thread(service.move, session_id, req.start, req.position, req.token_ids)
 
-    @private.put("/sessions/{session_id}/kv", status_code=204, response_class=Response, openapi_extra=TENSOR_REQUEST,
+    @private.put("/sessions/{session_id}/kv", operation_id="upload_kv", status_code=204, response_class=Response,
+                 openapi_extra=TENSOR_REQUEST,
                  responses={204: {"description": "KV staged for the next PATCH"},
                             **_errors(400, 401, 404, 410, 415, 503, 507)},
                  dependencies=[Depends(refuse_when_draining)])
-    async def upload_kv(request: Request, session_id: str, start: int = Query(ge=0),
-                        stop: int = Query(ge=0)) -> Response:
+    async def upload_kv(request: Request, session_id: str = session_id_path, start: int = layer_query,
+                        stop: int = layer_query) -> Response:
         _require_tensor_body(request)
         body = await request.body()
         await _in_thread(service.put_kv, session_id, start, stop, body)
         return Response(status_code=204)
 
-    @private.get("/sessions/{session_id}/kv", response_class=Response,
+    @private.get("/sessions/{session_id}/kv", operation_id="download_kv", response_class=Response,
                  responses={**_tensor_ok("ELTS: K then V per layer, float32 (position, n_kv_heads, head_dim)"),
                             **_errors(400, 401, 404, 409, 410)})
-    async def download_kv(session_id: str, start: int = Query(ge=0), stop: int = Query(ge=0)) -> Response:
+    async def download_kv(session_id: str = session_id_path, start: int = layer_query,
+                          stop: int = layer_query) -> Response:
         payload = await _in_thread(service.get_kv, session_id, start, stop)
         return Response(payload, media_type=wire.CONTENT_TYPE)
 
-    @private.delete("/sessions/{session_id}", status_code=204, response_class=Response,
+    @private.delete("/sessions/{session_id}", operation_id="delete_session", status_code=204,
+                    response_class=Response,
                     responses={204: {"description": "session closed"}, **_errors(401, 404, 410)})
-    async def delete_session(session_id: str) -> Response:
+    async def delete_session(session_id: str = session_id_path) -> Response:
         await _in_thread(service.delete, session_id)
         return Response(status_code=204)
 
-    @private.post("/admin/drain", response_model=DrainState, responses=_errors(401))
+    @private.post("/admin/drain", operation_id="drain", response_model=DrainState, responses=_errors(401))
     def drain(request: Request) -> dict:
         request.app.state.draining = True
         log.warning("draining: new work is refused with 503")
