@@ -1,9 +1,9 @@
 """The device's handle on the cloud service: a CloudClient (one keep-alive HTTP connection) and RemoteSession,
 a Session whose layers [start, n_layers) + head run on the server.
 
-Failures map onto three errors the planner acts on: CloudUnavailableError (refused, timed out, 503/5xx: go
-local), CloudSessionLostError (404/410: rebuild the KV elsewhere), CloudRejectedError (any other 4xx: a bug
-or a misconfiguration). Every request records a RequestTiming so a network estimator can learn RTT and
+Failures map onto three errors the planner acts on: CloudUnavailableError (refused, timed out, 503 and any
+5xx, and 429/507 "full": go local), CloudSessionLostError (404/410: rebuild the KV elsewhere),
+CloudRejectedError (any other 4xx: a bug or a misconfiguration). Every request records a RequestTiming so a network estimator can learn RTT and
 bandwidth from real traffic (wall time minus the server's own compute time).
 """
 
@@ -135,7 +135,7 @@ class CloudClient:
         except (ValueError, AttributeError):
             body, code, detail = {}, "?", _one_line(response.text)
         message = f"{what}: {status} {code}: {detail}"
-        if status == 503 or status >= 500:
+        if status in (429, 507) or status >= 500:  # busy, full, draining or broken: not this request's fault
             retry = response.headers.get("Retry-After")
             return CloudUnavailableError(message + (f" (retry after {retry} s)" if retry else ""))
         if session and status in (404, 410):

@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -24,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from edgellm import __version__
 from edgellm.errors import ConfigError, ContextOverflowError
@@ -192,12 +192,14 @@ def _require_tensor_body(request: Request) -> None:
         raise ApiError(415, "unsupported_media_type", f"body must be {wire.CONTENT_TYPE}, found {media or 'none'!r}")
 
 
-def _allowed_methods(app: FastAPI, scope: dict) -> str:
-    """Every method some route serves at this path (the same path may have several routes)."""
+def _allowed_methods(app: FastAPI, path: str) -> str:
+    """Every method the published API serves at this path (Starlette's 405 lists only one route's)."""
     methods: set[str] = set()
-    for route in app.router.routes:
-        if route.matches(scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+    for template, operations in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
     return ", ".join(sorted(methods))
 
 
@@ -221,7 +223,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # Starlette lists only the first matching route's methods
-            headers["Allow"] = _allowed_methods(app, request.scope)
+            headers["Allow"] = _allowed_methods(app, request.url.path)
         return JSONResponse({"error": code, "detail": _one_line(exc.detail)}, status_code=exc.status_code,
                             headers=headers)
 
@@ -270,9 +272,14 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
     private = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
     n_layers, context, vocab = int(cfg.n_layers), int(cfg.context_length), int(cfg.vocab_size)  # GGUF: numpy ints
     CreateSession, MoveSplit = request_models(n_layers, context, vocab)
-    session_id_path = Path(max_length=64, description="id from POST /v1/sessions")
+
+    def session_id_path():  # a fresh FieldInfo per parameter: FastAPI must not share one between two
+        return Path(max_length=64, description="id from POST /v1/sessions")
+
+    def layer_query():
+        return Query(ge=0, le=n_layers, description="layer index (start inclusive, stop exclusive)")
+
     position_query = Query(ge=0, le=context, description="tokens the session holds (stale: 409)")
-    layer_query = Query(ge=0, le=n_layers, description="layer index (start inclusive, stop exclusive)")
 
     @public.get("/health", operation_id="health", response_model=Health, responses=_errors(503))
     def health(request: Request) -> dict:
@@ -304,7 +311,7 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
                   responses={**_tensor_ok("float32 logits (1 or T, vocab) or int32 (1,) token"),
                              **_errors(400, 401, 404, 409, 410, 415, 503)},
                   dependencies=[Depends(refuse_when_draining)])
-    async def forward(request: Request, session_id: str = session_id_path, position: int = position_query,
+    async def forward(request: Request, session_id: str = session_id_path(), position: int = position_query,
                       output: Literal["logits", "hidden", "token"] = "logits",
                       all_logits: bool = Query(False, alias="all", description="logits of every new position"),
                       ) -> Response:
@@ -317,7 +324,7 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
     @private.patch("/sessions/{session_id}", operation_id="move_split", response_model=SessionInfo,
                    responses=_errors(400, 401, 404, 409, 410, 503, 507),
                    dependencies=[Depends(refuse_when_draining)])
-    async def move_split(req: MoveSplit, session_id: str = session_id_path) -> dict:
+    async def move_split(req: MoveSplit, session_id: str = session_id_path()) -> dict:
         return await _in_thread(service.move, session_id, req.start, req.position, req.token_ids)
 
     @private.put("/sessions/{session_id}/kv", operation_id="upload_kv", status_code=204, response_class=Response,
@@ -325,8 +332,8 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
                  responses={204: {"description": "KV staged for the next PATCH"},
                             **_errors(400, 401, 404, 410, 415, 503, 507)},
                  dependencies=[Depends(refuse_when_draining)])
-    async def upload_kv(request: Request, session_id: str = session_id_path, start: int = layer_query,
-                        stop: int = layer_query) -> Response:
+    async def upload_kv(request: Request, session_id: str = session_id_path(), start: int = layer_query(),
+                        stop: int = layer_query()) -> Response:
         _require_tensor_body(request)
         body = await request.body()
         await _in_thread(service.put_kv, session_id, start, stop, body)
@@ -335,15 +342,15 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
     @private.get("/sessions/{session_id}/kv", operation_id="download_kv", response_class=Response,
                  responses={**_tensor_ok("ELTS: K then V per layer, float32 (position, n_kv_heads, head_dim)"),
                             **_errors(400, 401, 404, 409, 410)})
-    async def download_kv(session_id: str = session_id_path, start: int = layer_query,
-                          stop: int = layer_query) -> Response:
+    async def download_kv(session_id: str = session_id_path(), start: int = layer_query(),
+                          stop: int = layer_query()) -> Response:
         payload = await _in_thread(service.get_kv, session_id, start, stop)
         return Response(payload, media_type=wire.CONTENT_TYPE)
 
     @private.delete("/sessions/{session_id}", operation_id="delete_session", status_code=204,
                     response_class=Response,
                     responses={204: {"description": "session closed"}, **_errors(401, 404, 410)})
-    async def delete_session(session_id: str = session_id_path) -> Response:
+    async def delete_session(session_id: str = session_id_path()) -> Response:
         await _in_thread(service.delete, session_id)
         return Response(status_code=204)
 
