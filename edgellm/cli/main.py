@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_profile_parser(sub)  # edgellm profile --target T [-o FILE] ...
 
+    from edgellm.cli import serve_command
+
+    serve_command.register(sub)  # edgellm serve-cloud [MODEL] --host H --port P --token T ...
+
     p = sub.add_parser("bench", help="speed, memory and perplexity beside llama.cpp (same model, threads, prompt)")
     _add_model(p)
     p.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"], help="comparison engine")
@@ -152,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_cloud(args: argparse.Namespace) -> int:
+    from edgellm.cli import serve_command
+
+    return serve_command.run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from edgellm.cli import commands
@@ -160,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info": commands.info, "tokenize": commands.tokenize, "generate": commands.generate,
         "chat": commands.chat, "eval": commands.eval_ppl, "export": commands.export,
         "bench": commands.bench, "compress": commands.compress, "profile": commands.profile,
+        "serve-cloud": _serve_cloud,
     }[args.command]
     try:
         return handler(args) or 0
