@@ -59,16 +59,22 @@ class AllocateParams:
     calibration: str = "asyoulik.txt"
     tokens: int = 512
     window: int = 256
+    solver: str = "milp"  # "milp" (exact), "dp" (exact, size budgets), "rl" (HAQ's DDPG search)
+    episodes: int = 300  # rl only
 
     def __post_init__(self) -> None:
+        from edgellm.compress.solvers import SOLVERS
+
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats {bad or '(empty)'} invalid; valid: {', '.join(FORMATS)}")
+        if self.solver not in SOLVERS or self.episodes < 2:
+            raise ValueError(f"solver {self.solver!r} (valid: {', '.join(SOLVERS)}), episodes {self.episodes} (>= 2)")
 
 
 @register_pass("allocate", AllocateParams)
 def allocate_pass(state: CompressState, p: AllocateParams) -> None:
-    from edgellm.compress.allocator import Budget, allocate
+    from edgellm.compress.allocator import Budget
     from edgellm.compress.sensitivity import (
         SensitivityConfig,
         SensitivityTable,
@@ -103,8 +109,11 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
     for u in loss:
         if "auto" in formats:  # the source's own blocks: no change, no loss (when transcoded exactly)
             loss[u]["auto"] = 0.0 if lossless else loss[u].get("int4", 0.0)
-    result = allocate(units(state.model.config), formats, loss,
-                      Budget(max_bytes=state.budget_bytes, max_us=state.budget_us), cost_us=state.cost_us)
+    from edgellm.compress.solvers import solve
+
+    result = solve(p.solver, units(state.model.config), formats, loss,
+                   Budget(max_bytes=state.budget_bytes, max_us=state.budget_us), cost_us=state.cost_us,
+                   seed=state.seed, episodes=p.episodes, progress=state.progress)
     state.plan = result.plan(state.plan, name="allocated")
     state.report["allocate"] = {"solver": result.solver, "predicted_kl": result.loss, "linear_bytes": result.bytes,
                                 "linear_us": result.us, "choice": result.choice,
