@@ -79,8 +79,11 @@ def test_joint_phase_plan_is_exact_over_all_pairs():
             totals = {}
             for kp, kd in itertools.product(range(n + 1), repeat=2):
                 mv = move_cost(m, net, kp, kd, History(chunked_tokens=prompt), objective=objective)
+                opening = split_cost(m, net, 0).rtt_ms if kp < n else 0.0  # one round trip opens the session
+                if objective == "energy":
+                    opening *= m.energy.power_idle_w
                 totals[kp, kd] = (split_cost(m, net, kp, prompt, prefill=True).value(objective) + mv.value(objective)
-                                  + (new - 1) * split_cost(m, net, kd).value(objective))
+                                  + (new - 1) * split_cost(m, net, kd).value(objective) + opening)
             assert plan.predicted == pytest.approx(min(totals.values()), rel=1e-9)
             assert totals[plan.prefill_split, plan.decode_split] == pytest.approx(plan.predicted, rel=1e-9)
 
@@ -139,9 +142,12 @@ def test_move_cost_picks_the_cheaper_way():
     fast, slow = NetworkEstimate.fixed(2.0, 1000.0), NetworkEstimate.fixed(50.0, 1.0)
     assert move_cost(m, fast, 10, N_LAYERS, history).method == "download"  # 20 layers of KV at 1 Gbit/s
     assert move_cost(m, slow, 10, N_LAYERS, history).method == "device-recompute"
-    up = move_cost(m, slow, N_LAYERS, 0, history)
+    up = move_cost(m, slow, 20, 0, history)
     assert up.method == "upload"  # exact: no batch recompute on the server
-    assert move_cost(m, slow, N_LAYERS, 0, history, exact=False).method == "server-recompute"
+    assert move_cost(m, slow, 20, 0, history, exact=False).method == "server-recompute"
+    fresh = move_cost(m, fast, N_LAYERS, 0, history)  # from all-local: a new session, replayed chunk by chunk
+    assert fresh.method == "server-replay"
+    assert fresh.latency_ms >= (1 + history.chunks) * 2.0
     # replaying from the boundary's kept hidden states is cheaper than from layer 0
     assert move_cost(m, slow, 25, N_LAYERS, history, device_replay_from=25).latency_ms < \
         move_cost(m, slow, 25, N_LAYERS, history).latency_ms

@@ -156,14 +156,21 @@ class Prober:
     liveness of a server the generator gave up on (so it can come back to it).
 
     `probe` is a zero-argument callable that raises CloudError when the server is unreachable (e.g. a
-    bound `CloudClient.health`); it is timed here. Bounded: a daemon thread that stops on `stop()`.
+    bound `CloudClient.health`); it is timed here. `sized`, if given, runs right after every
+    `sized_every`-th successful probe with that probe's RTT in ms (a probe pair: a larger request whose
+    bandwidth sample is taken relative to that RTT). Bounded: a daemon thread that stops on `stop()`.
     """
 
-    def __init__(self, probe: Callable[[], object], estimator: NetworkEstimator, interval_s: float = 0.5) -> None:
+    def __init__(self, probe: Callable[[], object], estimator: NetworkEstimator, interval_s: float = 0.5,
+                 sized: Callable[[float], None] | None = None, sized_every: int = 4) -> None:
         if not math.isfinite(interval_s) or interval_s <= 0:
             raise ConfigError(f"probe interval must be > 0 s, found {interval_s}")
+        if sized_every < 1:
+            raise ConfigError(f"sized_every must be >= 1, found {sized_every}")
         self.probe, self.estimator, self.interval_s = probe, estimator, interval_s
+        self.sized, self.sized_every, self._ok = sized, sized_every, 0
         self.healthy = True
+        self.last_ok_sent = float("-inf")  # time.monotonic() at which the last successful probe was sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgellm-offload-prober", daemon=True)
 
@@ -172,6 +179,7 @@ class Prober:
         return self
 
     def probe_once(self) -> bool:
+        sent = time.monotonic()
         t0 = time.perf_counter()
         try:
             self.probe()
@@ -179,8 +187,15 @@ class Prober:
             log.debug("health probe failed: %s", exc)
             self.healthy = False
             return False
-        self.estimator.observe_rtt(time.perf_counter() - t0)
-        self.healthy = True
+        rtt_s = time.perf_counter() - t0
+        self.estimator.observe_rtt(rtt_s)
+        self.healthy, self.last_ok_sent = True, sent
+        self._ok += 1
+        if self.sized is not None and self._ok % self.sized_every == 0:
+            try:
+                self.sized(rtt_s * 1e3)
+            except CloudError as exc:
+                log.debug("sized probe failed: %s", exc)
         return True
 
     def _run(self) -> None:

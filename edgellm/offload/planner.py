@@ -44,10 +44,17 @@ class History:
 
     chunked_tokens: int = 0  # positions that came in multi-token chunks (prefill)
     single_tokens: int = 0  # positions that came one at a time (decode)
+    multi_chunks: int | None = None  # how many multi-token chunks (None: one if chunked_tokens else none)
 
     @property
     def positions(self) -> int:
         return self.chunked_tokens + self.single_tokens
+
+    @property
+    def chunks(self) -> int:
+        """forward() calls a replay makes: one round trip each when it replays on the server."""
+        multi = (1 if self.chunked_tokens else 0) if self.multi_chunks is None else self.multi_chunks
+        return multi + self.single_tokens
 
 
 @dataclass(frozen=True)
@@ -71,11 +78,16 @@ class CostModel:
     def n_layers(self) -> int:
         return self.device.n_layers
 
-    def device_ms(self, start: int, stop: int, history: History) -> float:
-        """Replaying [start, stop) over a token history on the device (recompute)."""
-        d = self.device
-        return self.device_scale * (d.layers_ms(start, stop, history.chunked_tokens, prefill=True)
-                                    + d.layers_ms(start, stop, history.single_tokens))
+    def replay_ms(self, side: Literal["device", "server"], start: int, stop: int, history: History) -> float:
+        """Replaying [start, stop) over a token history in its original chunks (an exact recompute);
+        a range that ends at the last layer also runs the head once per chunk."""
+        p = self.device if side == "device" else self.server
+        scale = self.device_scale if side == "device" else self.server_scale
+        ms = p.layers_ms(start, stop, history.chunked_tokens, prefill=True) + p.layers_ms(start, stop,
+                                                                                           history.single_tokens)
+        if stop == self.n_layers:
+            ms += p.head_ms * history.chunks
+        return scale * ms
 
 
 @dataclass(frozen=True)
@@ -147,31 +159,34 @@ def move_cost(model: CostModel, net: NetworkEstimate, old: int, new: int, histor
 
     Layers [old, new) join the device: download their KV, or replay the history through [from, new) on
     the device (from = `device_replay_from`: 0, or `old` when the device kept the hidden states at
-    layer `old`). Layers [new, old) join the server: upload their KV, or (exact=False) let the server
-    recompute them from the token ids in one pass, which need not match the original chunks bit for
-    bit. Reaching the server when old = n also opens a session (one round trip).
+    layer `old`). Layers [new, old) join the server's live session (old < n): upload their KV, or
+    (exact=False) let the server recompute them from the token ids in one batch, which need not match
+    the original chunks bit for bit. From all-local (old = n) there is no session to upload into (a v1
+    session starts at position 0): open one and replay the token ids into it chunk by chunk.
     """
-    n, p = model.n_layers, history.positions
+    n, p, rtt = model.n_layers, history.positions, net.rtt_ms
     if old == new:
         return NO_MOVE
     options: list[MoveCost] = []
     if new > old:  # layers come back to the device
-        tail_rtt = net.rtt_ms if new < n else 0.0  # PATCH the remaining server range
+        tail_rtt = rtt if new < n else 0.0  # PATCH the server's remaining range
         kv = net.transfer_ms(model.sizes.kv_bytes(new - old, p))
-        options.append(MoveCost("download", net.rtt_ms + kv + tail_rtt,
-                                _energy(model, 0.0, kv, net.rtt_ms + tail_rtt)))
-        replay = model.device_ms(device_replay_from, new, history)
+        options.append(MoveCost("download", rtt + kv + tail_rtt, _energy(model, 0.0, kv, rtt + tail_rtt)))
+        replay = model.replay_ms("device", device_replay_from, new, history)
         options.append(MoveCost("device-recompute", replay + tail_rtt, _energy(model, replay, 0.0, tail_rtt)))
-    else:  # layers go to the server
-        open_rtt = net.rtt_ms if old == n else 0.0
+    elif old < n:  # layers join the server's live session
         kv = net.transfer_ms(model.sizes.kv_bytes(old - new, p))
-        rtts = open_rtt + 2 * net.rtt_ms  # PUT kv, PATCH
-        options.append(MoveCost("upload", rtts + kv, _energy(model, 0.0, kv, rtts)))
+        options.append(MoveCost("upload", 2 * rtt + kv, _energy(model, 0.0, kv, 2 * rtt)))  # PUT kv, PATCH
         if not exact:
             ids = net.transfer_ms(model.sizes.token_id_bytes * p)
-            server = model.server_scale * (model.server.layers_ms(0, old, p, prefill=True))
-            idle = open_rtt + net.rtt_ms + server
+            idle = rtt + model.replay_ms("server", 0, old, History(chunked_tokens=p))
             options.append(MoveCost("server-recompute", idle + ids, _energy(model, 0.0, ids, idle)))
+    else:  # from all-local: open a session at layer 0, replay the ids, then PATCH its start to `new`
+        rtts = rtt * (1 + history.chunks + (1 if new > 0 else 0))
+        wire = net.transfer_ms(history.chunks * (model.sizes.uplink_bytes(0, 0) + model.sizes.downlink_bytes(True))
+                               + model.sizes.token_id_bytes * p)
+        server = model.replay_ms("server", 0, n, history)
+        options.append(MoveCost("server-replay", rtts + wire + server, _energy(model, 0.0, wire, rtts + server)))
     return min(options, key=lambda m: (m.value(objective), m.latency_ms))
 
 
@@ -238,10 +253,12 @@ def plan_generation(model: CostModel, net: NetworkEstimate, prompt_tokens: int, 
         decode_splits = splits
     best: PhasePlan | None = None
     history = History(chunked_tokens=prompt_tokens)
+    open_session = {"latency": net.rtt_ms, "energy": _energy(model, 0.0, 0.0, net.rtt_ms)}[objective]
     for kp in splits:
         for kd in decode_splits:
             move = move_cost(model, net, kp, kd, history, exact, objective=objective)
             total = prefill[kp].value(objective) + move.value(objective) + steps * decode[kd].value(objective)
+            total += open_session if kp < model.n_layers else 0.0
             if best is None or total < best.predicted - 1e-9:
                 best = PhasePlan(kp, kd, total, move)
     assert best is not None  # splits is never empty

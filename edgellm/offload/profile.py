@@ -127,13 +127,17 @@ def energy_model(target: str | Path) -> EnergyModel:
 
 
 def measure_layer_profile(backend: Backend, prefill_tokens: int = 32, decode_context: int = 32,
-                          repeats: int = 5, seed: int = 0) -> LayerProfile:
+                          repeats: int = 5, seed: int = 0, statistic: str = "median") -> LayerProfile:
     """Time every layer of `backend` through its own Session interface (one session per layer).
 
-    Decode: one position after `decode_context` cached ones, median of `repeats`. Prefill: one chunk
-    of `prefill_tokens`, median of max(2, repeats // 2), per token. The head is the last layer's
-    session (which ends in the head) minus that layer's cost, taken as the median of the others.
+    Decode: one position after `decode_context` cached ones, the median (or "min": the host's best, for
+    a noise-free base) of `repeats`. Prefill: one chunk of `prefill_tokens`, the best of
+    max(2, repeats // 2), per token. The head is the last layer's session (which ends in the head) minus
+    that layer's cost, taken as the median of the others.
     """
+    if statistic not in ("median", "min"):
+        raise ConfigError(f"statistic must be median or min, found {statistic!r}")
+    pick = statistics.median if statistic == "median" else min
     cfg = backend.config
     n = cfg.n_layers
     if not backend.supports_layer_ranges:
@@ -158,7 +162,7 @@ def measure_layer_profile(backend: Backend, prefill_tokens: int = 32, decode_con
             steps.append(_timed(session.forward, x[decode_context:decode_context + 1]))
             session.truncate(decode_context)
         prefill.append(min(chunk) / prefill_tokens)
-        decode.append(statistics.median(steps[1:]))
+        decode.append(pick(steps[1:]))
         if i == n - 1:
             last_total = decode[-1]
     if n > 1:  # the last session includes the head; take that layer's cost as the others' median
