@@ -320,3 +320,23 @@ def test_real_model_adaptive_with_a_fault_equals_all_local(model, tokenizer, ref
         live.kill()
     assert got == want
     assert records[0].split == 20 and any(r.fault for r in records) and records[-1].split == model.config.n_layers
+
+
+def test_cli_offload_arguments_generate_identical_tokens(tiny, expected, shared, monkeypatch, tmp_path):
+    import argparse
+
+    from edgellm.cli.offload_command import add_offload_args, generate_offloaded
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    add_offload_args(parser)
+    args = parser.parse_args(["--offload", shared[1].url, "--offload-split", "2", "--objective", "energy"])
+    monkeypatch.setenv("EDGELLM_TOKEN", TOKEN)
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))  # the device profile is measured and cached here
+    description = load_model(tiny.path)
+    events = list(generate_offloaded(args, description, tiny.tokenizer, PROMPT, GREEDY))
+    assert [e.token_id for e in events] == expected
+    assert list(tmp_path.rglob("*.json")), "the device profile was not cached"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--offload-split", "-1"])
