@@ -28,6 +28,7 @@ class CompressState:
     progress: bool = False
     cache_dir: Any = None
     report: dict[str, Any] = field(default_factory=dict)
+    rewritten: set[str] = field(default_factory=set)  # tensors a pass replaced with float values (saved)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,14 @@
 
 A compressed directory holds `compressed.json`: the source model (path, size, sha256), the recipe,
 the resulting plan and each pass's report. Weights stay in the source file while passes only choose
-formats; `edgellm export onnx DIR` applies the plan.
+formats; `edgellm export onnx DIR` applies the plan. Tensors a pass rewrote go to weights.npz: block-
+quantized ones (GPTQ) in the exporters' block format, float ones (pruning, distillation) as float32.
+When structured pruning changed per-layer shapes, compressed.json records them under "layer_shapes".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +27,8 @@ from edgellm.model.description import ModelDescription
 
 COMPRESSED_MANIFEST = "compressed.json"
 COMPRESSED_FORMAT = "edgellm-compressed"
-WEIGHTS_FILE = "weights.npz"  # tensors a pass rewrote (e.g. GPTQ), in the exporters' block format
+WEIGHTS_FILE = "weights.npz"  # tensors a pass rewrote (GPTQ blocks, pruned/distilled floats)
+LAYER_SHAPE_FIELDS = ("layer_n_heads", "layer_n_kv_heads", "layer_ffn_sizes")
 
 
 def run_recipe(state: CompressState, recipe: Recipe) -> CompressState:
@@ -47,15 +51,20 @@ def write_compressed(state: CompressState, recipe: Recipe, out_dir: str | Path, 
         "plan": state.plan.to_dict(),
         "report": state.report,
     }
+    cfg = state.model.config
+    if not cfg.uniform:
+        manifest["layer_shapes"] = {k: list(getattr(cfg, k)) for k in LAYER_SHAPE_FIELDS}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "plan.json").write_text(json.dumps(state.plan.to_dict(), indent=2))
-        quantized = {n: t.blocks for n, t in state.model.weights.items() if t.qtype == "BLOCKQ"}
-        if quantized:
-            _save_blocks(quantized, tmp / WEIGHTS_FILE)
+        weights = state.model.weights
+        quantized = {n: t.blocks for n, t in weights.items() if t.qtype == "BLOCKQ"}
+        floats = {n: weights.float(n) for n in sorted(state.rewritten) if n in weights and n not in quantized}
+        if quantized or floats:
+            _save_blocks(quantized, tmp / WEIGHTS_FILE, floats)
             manifest["weights"] = {"file": WEIGHTS_FILE, "tensors": sorted(quantized),
-                                   "sha256": sha256_file(tmp / WEIGHTS_FILE)}
+                                   "float_tensors": sorted(floats), "sha256": sha256_file(tmp / WEIGHTS_FILE)}
         (tmp / COMPRESSED_MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))
         tmp.chmod(0o755)
         if out.exists():
@@ -86,18 +95,25 @@ def load_compressed(path: Path, verify: bool = True) -> ModelDescription:
     if verify and sha256_file(source) != manifest["source"]["sha256"]:
         raise ModelFormatError(f"{path}: source model {source} changed since compression (sha256 mismatch)")
     model = load_model(source)
+    if "layer_shapes" in manifest:  # structured pruning: the per-layer shapes the saved tensors have
+        try:
+            shapes = {k: tuple(manifest["layer_shapes"][k]) for k in LAYER_SHAPE_FIELDS}
+            model.config = dataclasses.replace(model.config, **shapes)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"{path / COMPRESSED_MANIFEST}: bad layer_shapes ({exc})") from None
     if "weights" in manifest:
         passes = "+".join(str(p.get("pass")) for p in manifest.get("recipe", {}).get("passes", []))
         _load_blocks(path, manifest["weights"], model, label=passes or "pass")
+    model.validate()  # every tensor (rewritten or from the source) has the shape the config says
     model.metadata["plan"] = plan
     model.metadata["compressed"] = manifest
     return model
 
 
-def _save_blocks(blocks: dict, path: Path) -> None:
+def _save_blocks(blocks: dict, path: Path, floats: dict | None = None) -> None:
     import numpy as np
 
-    arrays = {}
+    arrays = {f"{name}|f32": np.ascontiguousarray(v, dtype=np.float32) for name, v in (floats or {}).items()}
     for name, b in blocks.items():
         arrays[f"{name}|packed"] = b.packed
         arrays[f"{name}|scales"] = b.scales
@@ -112,12 +128,19 @@ def _load_blocks(directory: Path, info: dict, model: ModelDescription, label: st
     import numpy as np
 
     from edgellm.export.block_formats import BlockQuantized
+    from edgellm.model.tensor_names import expected_shapes
     from edgellm.model.weights import WeightTensor
 
     path = directory / str(info.get("file", WEIGHTS_FILE))
     if not path.is_file() or sha256_file(path) != info.get("sha256"):
         raise ModelFormatError(f"{path}: missing or changed since compression (checksum mismatch)")
+    expected = expected_shapes(model.config)
     with np.load(path) as data:
+        for name in info.get("float_tensors", []):
+            if f"{name}|f32" not in data or expected.get(name) != tuple(data[f"{name}|f32"].shape):
+                raise ModelFormatError(f"{path}: float tensor {name} is missing or does not match the model "
+                                       f"(expected shape {expected.get(name)})")
+            model.weights.replace(name, WeightTensor.from_array(name, data[f"{name}|f32"]))
         for name in info["tensors"]:
             try:
                 n, k, bits, block, zp = (int(v) for v in data[f"{name}|meta"])
@@ -126,6 +149,7 @@ def _load_blocks(directory: Path, info: dict, model: ModelDescription, label: st
                                    source=f"int{bits} {label}")
             except KeyError as exc:
                 raise ModelFormatError(f"{path}: tensor {name} is incomplete ({exc})") from None
-            if name not in model.weights or tuple(model.weights[name].shape) != (n, k):
-                raise ModelFormatError(f"{path}: tensor {name} does not match the source model")
+            if expected.get(name) != (n, k):
+                raise ModelFormatError(f"{path}: tensor {name} does not match the model (expected shape "
+                                       f"{expected.get(name)}, found {(n, k)})")
             model.weights.replace(name, WeightTensor.from_blocks(name, b))

@@ -99,4 +99,7 @@ def load_recipe(spec: str | Path) -> Recipe:
 
 
 def _register_builtin_passes() -> None:
+    import edgellm.compress.distill  # noqa: F401
     import edgellm.compress.passes  # noqa: F401  (registers on import)
+    import edgellm.compress.prune  # noqa: F401
+    import edgellm.compress.structured  # noqa: F401

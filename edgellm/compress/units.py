@@ -33,20 +33,25 @@ class Unit:
         return self.k * self.n
 
 
-def unit_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(K, N) of each unit role as the graph runs it (Q|K|V and gate|up fused)."""
+def unit_shapes(config: ModelConfig, layer: int | None = None) -> dict[str, tuple[int, int]]:
+    """(K, N) of each unit role as the graph runs it (Q|K|V and gate|up fused); with `layer`, that layer's
+    own shapes (they differ per layer after structured pruning), else the config's global shapes."""
+    if layer is None:
+        q, kv, f = config.q_size, config.kv_size, config.ffn_size
+    else:
+        q, kv, f = config.q_size_at(layer), config.kv_size_at(layer), config.ffn_size_at(layer)
     return {
-        "attn_qkv": (config.hidden_size, config.q_size + 2 * config.kv_size),
-        "attn_output": (config.q_size, config.hidden_size),
-        "ffn_gate_up": (config.hidden_size, 2 * config.ffn_size),
-        "ffn_down": (config.ffn_size, config.hidden_size),
+        "attn_qkv": (config.hidden_size, q + 2 * kv),
+        "attn_output": (q, config.hidden_size),
+        "ffn_gate_up": (config.hidden_size, 2 * f),
+        "ffn_down": (f, config.hidden_size),
     }
 
 
 def units(config: ModelConfig) -> list[Unit]:
-    shapes = unit_shapes(config)
     out = []
     for i in range(config.n_layers):
+        shapes = unit_shapes(config, i)
         for role, members in UNIT_ROLES.items():
             k, n = shapes[role]
             out.append(Unit(f"blk.{i}.{role}", i, role, tuple(f"blk.{i}.{m}" for m in members), k, n))

@@ -6,7 +6,7 @@ to the same preallocated buffer, so a token appends in place instead of copying 
 
 Graph inputs                         shape
   input_ids                          (batch, sequence) int64
-  past_key_values.{i}.key/.value     (batch, n_kv_heads, cache_sequence, head_dim) float32
+  past_key_values.{i}.key/.value     (batch, n_kv_heads of layer i, cache_sequence, head_dim) float32
   seqlens_k                          (batch,) int32 = tokens in cache after this step - 1
   total_sequence_length              () int32 = tokens in cache after this step
   logits_to_keep                     (1,) int64 = how many trailing positions get logits
@@ -142,7 +142,7 @@ def attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, seqlens: str,
         "GroupQueryAttention",
         [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, cos, sin],
         outputs=[f"attn_out.{i}", f"present.{i}.key", f"present.{i}.value"], name=f"blk.{i}.attention",
-        domain=MS_DOMAIN, num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1,
+        domain=MS_DOMAIN, num_heads=cfg.n_heads_at(i), kv_num_heads=cfg.n_kv_heads_at(i), do_rotary=1,
         rotary_interleaved=1 if cfg.rope_style == "interleaved" else 0,
     )
     return out[0]
@@ -186,7 +186,7 @@ def build_llama_graph(cfg: ModelConfig, norms: Mapping[str, np.ndarray], linears
     ids = b.add_input("input_ids", INT64, ["batch", "sequence"])
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
-            b.add_input(f"past_key_values.{i}.{kind}", FLOAT, ["batch", cfg.n_kv_heads, "cache_sequence", cfg.head_dim])
+            b.add_input(f"past_key_values.{i}.{kind}", FLOAT, ["batch", cfg.n_kv_heads_at(i), "cache_sequence", cfg.head_dim])
     seqlens = b.add_input("seqlens_k", INT32, ["batch"])
     total = b.add_input("total_sequence_length", INT32, [])
     keep = b.add_input("logits_to_keep", INT64, [1])
@@ -206,7 +206,7 @@ def build_llama_graph(cfg: ModelConfig, norms: Mapping[str, np.ndarray], linears
     b.add_output("logits", FLOAT, ["batch", "logits_len", cfg.vocab_size])
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
-            b.add_output(f"present.{i}.{kind}", FLOAT, ["batch", cfg.n_kv_heads, "present_sequence", cfg.head_dim])
+            b.add_output(f"present.{i}.{kind}", FLOAT, ["batch", cfg.n_kv_heads_at(i), "present_sequence", cfg.head_dim])
     return b.model("edgellm_llama", OPSET)
 
 
@@ -229,7 +229,7 @@ def _block(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, residual: str | No
     gate, up = linears[f"{p}.ffn_gate"], linears[f"{p}.ffn_up"]
     fused = _concat_weights([gate, up]) if options.fuse_gate_up else None
     if fused is not None:
-        act = swiglu(b, linear(b, h, fused, f"{p}.ffn_gate_up", options.accuracy_level, options.offset_sums), cfg.ffn_size, f"{p}.ffn")
+        act = swiglu(b, linear(b, h, fused, f"{p}.ffn_gate_up", options.accuracy_level, options.offset_sums), cfg.ffn_size_at(i), f"{p}.ffn")
     else:
         g = linear(b, h, gate, f"{p}.ffn_gate", options.accuracy_level, options.offset_sums)
         u = linear(b, h, up, f"{p}.ffn_up", options.accuracy_level, options.offset_sums)

@@ -48,6 +48,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     name: str = ""
+    # Per-layer shapes after structured pruning; empty = every layer uses the global value above.
+    layer_n_heads: tuple[int, ...] = ()
+    layer_n_kv_heads: tuple[int, ...] = ()
+    layer_ffn_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "ffn_size", "vocab_size",
@@ -71,6 +75,43 @@ class ModelConfig:
             raise ConfigError(f"rope_style {self.rope_style!r} unsupported; valid: interleaved, half")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError("norm_eps and rope_theta must be positive")
+        self._check_layer_shapes()
+
+    def _check_layer_shapes(self) -> None:
+        for key in ("layer_n_heads", "layer_n_kv_heads", "layer_ffn_sizes"):
+            values = getattr(self, key)
+            if isinstance(values, (list, tuple)):
+                object.__setattr__(self, key, tuple(values))  # JSON gives lists
+                values = getattr(self, key)
+            if not isinstance(values, tuple) or (values and len(values) != self.n_layers):
+                raise ConfigError(f"model config field {key} must list one value per layer ({self.n_layers}) "
+                                  f"or be empty, found {values!r:.80}")
+            if any(type(v) is not int or v <= 0 for v in values):
+                raise ConfigError(f"model config field {key} must hold positive integers, found {values!r:.80}")
+        for i in range(self.n_layers):
+            if self.n_heads_at(i) % self.n_kv_heads_at(i):
+                raise ConfigError(f"layer {i}: n_heads {self.n_heads_at(i)} is not a multiple of "
+                                  f"n_kv_heads {self.n_kv_heads_at(i)}")
+
+    @property
+    def uniform(self) -> bool:
+        """True when every layer has the global shapes (no structured pruning)."""
+        return not (self.layer_n_heads or self.layer_n_kv_heads or self.layer_ffn_sizes)
+
+    def n_heads_at(self, layer: int) -> int:
+        return self.layer_n_heads[layer] if self.layer_n_heads else self.n_heads
+
+    def n_kv_heads_at(self, layer: int) -> int:
+        return self.layer_n_kv_heads[layer] if self.layer_n_kv_heads else self.n_kv_heads
+
+    def ffn_size_at(self, layer: int) -> int:
+        return self.layer_ffn_sizes[layer] if self.layer_ffn_sizes else self.ffn_size
+
+    def q_size_at(self, layer: int) -> int:
+        return self.n_heads_at(layer) * self.head_dim
+
+    def kv_size_at(self, layer: int) -> int:
+        return self.n_kv_heads_at(layer) * self.head_dim
 
     @property
     def q_size(self) -> int:

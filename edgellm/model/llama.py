@@ -19,7 +19,11 @@ from edgellm.model.rope import inverse_frequencies
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for layers [start, stop): (n_layers, max_tokens, n_kv_heads, head_dim)."""
+    """Preallocated keys/values for layers [start, stop): (n_layers, max_tokens, n_kv_heads, head_dim).
+
+    With per-layer KV head counts (a structurally pruned model) n_kv_heads is the largest in the range;
+    a layer with fewer uses the leading heads of its slot.
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -29,7 +33,8 @@ class KVCache:
     @classmethod
     def allocate(cls, config: ModelConfig, start: int, stop: int, max_tokens: int,
                  dtype: torch.dtype = torch.float32) -> KVCache:
-        shape = (stop - start, max_tokens, config.n_kv_heads, config.head_dim)
+        kv_heads = max((config.n_kv_heads_at(i) for i in range(start, stop)), default=config.n_kv_heads)
+        shape = (stop - start, max_tokens, kv_heads, config.head_dim)
         return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), start)
 
     @property
@@ -84,6 +89,19 @@ class LlamaModel(torch.nn.Module):
         angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]  # (T, d/2)
         return angles.cos().to(self.dtype)[:, None, :], angles.sin().to(self.dtype)[:, None, :]
 
+    def trace(self, token_ids: torch.Tensor, layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits (T, vocab) of one sequence from position 0 and the hidden states (T, hidden) after each of
+        `layers`; differentiable (no torch.no_grad), for training passes such as distillation."""
+        t = token_ids.shape[0]
+        cos, sin = self.rope_tables(torch.arange(t))
+        cache = KVCache.allocate(self.config, 0, self.config.n_layers, t, self.dtype)
+        hidden, kept = self.embed(token_ids), {}
+        for i in range(self.config.n_layers):
+            hidden = self._block(i, hidden, cache, i, 0, cos, sin)
+            if i in layers:
+                kept[i] = hidden
+        return self.head(hidden), kept
+
     @torch.no_grad()
     def run_layers(self, hidden: torch.Tensor, cache: KVCache, start: int, stop: int) -> torch.Tensor:
         """Advance hidden states (T, hidden) through layers [start, stop), appending to `cache`."""
@@ -100,17 +118,18 @@ class LlamaModel(torch.nn.Module):
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg, p = self.config, self.layers[i]
         t = x.shape[0]
+        n_heads, n_kv = cfg.n_heads_at(i), cfg.n_kv_heads_at(i)  # per layer: structured pruning may differ
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         self._record(f"blk.{i}.attn_qkv", h)
-        q = (h @ p["attn_q"].T).view(t, cfg.n_heads, cfg.head_dim)  # (T, n_head, d)
-        k = (h @ p["attn_k"].T).view(t, cfg.n_kv_heads, cfg.head_dim)  # (T, n_kv, d)
-        v = (h @ p["attn_v"].T).view(t, cfg.n_kv_heads, cfg.head_dim)
+        q = (h @ p["attn_q"].T).view(t, n_heads, cfg.head_dim)  # (T, n_head, d)
+        k = (h @ p["attn_k"].T).view(t, n_kv, cfg.head_dim)  # (T, n_kv, d)
+        v = (h @ p["attn_v"].T).view(t, n_kv, cfg.head_dim)
         q = apply_rope(q, cos, sin, cfg.rope_style)
         k = apply_rope(k, cos, sin, cfg.rope_style)
-        cache.keys[slot, pos0:pos0 + t] = k
-        cache.values[slot, pos0:pos0 + t] = v
-        keys = cache.keys[slot, :pos0 + t]  # (S, n_kv, d)
-        values = cache.values[slot, :pos0 + t]
+        cache.keys[slot, pos0:pos0 + t, :n_kv] = k
+        cache.values[slot, pos0:pos0 + t, :n_kv] = v
+        keys = cache.keys[slot, :pos0 + t, :n_kv]  # (S, n_kv, d)
+        values = cache.values[slot, :pos0 + t, :n_kv]
         attn = self._attention(q, keys, values, pos0)  # (T, n_head * d)
         self._record(f"blk.{i}.attn_output", attn)
         x = x + attn @ p["attn_output"].T
@@ -127,14 +146,14 @@ class LlamaModel(torch.nn.Module):
             self.capture.setdefault(unit, []).append(inputs.detach().clone())
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos0: int) -> torch.Tensor:
-        cfg = self.config
         t, s = q.shape[0], keys.shape[0]
-        group = cfg.n_heads // cfg.n_kv_heads
+        n_heads, n_kv, d = q.shape[1], keys.shape[1], q.shape[2]
+        group = n_heads // n_kv
         # (n_kv, group, T, d) x (n_kv, 1, d, S) -> (n_kv, group, T, S): query head h uses kv head h // group
-        qg = q.view(t, cfg.n_kv_heads, group, cfg.head_dim).permute(1, 2, 0, 3)
-        scores = qg @ keys.permute(1, 2, 0).unsqueeze(1) / (cfg.head_dim ** 0.5)
+        qg = q.view(t, n_kv, group, d).permute(1, 2, 0, 3)
+        scores = qg @ keys.permute(1, 2, 0).unsqueeze(1) / (d ** 0.5)
         causal = torch.arange(s)[None, :] > (pos0 + torch.arange(t))[:, None]  # (T, S)
         scores = scores.masked_fill(causal, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out = probs @ values.permute(1, 0, 2).unsqueeze(1)  # (n_kv, group, T, d)
-        return out.permute(2, 0, 1, 3).reshape(t, cfg.n_heads * cfg.head_dim)
+        return out.permute(2, 0, 1, 3).reshape(t, n_heads * d)

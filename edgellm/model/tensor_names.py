@@ -29,23 +29,25 @@ LINEAR_ROLES: tuple[str, ...] = (
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the architecture needs, in numpy order (out_features, in_features)."""
-    h, f = config.hidden_size, config.ffn_size
-    per_layer = {
-        "attn_norm.weight": (h,),
-        "attn_q.weight": (config.q_size, h),
-        "attn_k.weight": (config.kv_size, h),
-        "attn_v.weight": (config.kv_size, h),
-        "attn_output.weight": (h, config.q_size),
-        "ffn_norm.weight": (h,),
-        "ffn_gate.weight": (f, h),
-        "ffn_up.weight": (f, h),
-        "ffn_down.weight": (h, f),
-    }
+    """Every tensor the architecture needs, in numpy order (out_features, in_features); per-layer head
+    counts and FFN sizes (a structurally pruned model) come from the config's per-layer fields."""
+    h = config.hidden_size
     shapes = {"token_embd.weight": (config.vocab_size, h), "output_norm.weight": (h,)}
     if not config.tie_embeddings:
         shapes["output.weight"] = (config.vocab_size, h)
     for i in range(config.n_layers):
+        q, kv, f = config.q_size_at(i), config.kv_size_at(i), config.ffn_size_at(i)
+        per_layer = {
+            "attn_norm.weight": (h,),
+            "attn_q.weight": (q, h),
+            "attn_k.weight": (kv, h),
+            "attn_v.weight": (kv, h),
+            "attn_output.weight": (h, q),
+            "ffn_norm.weight": (h,),
+            "ffn_gate.weight": (f, h),
+            "ffn_up.weight": (f, h),
+            "ffn_down.weight": (h, f),
+        }
         for suffix, shape in per_layer.items():
             shapes[f"blk.{i}.{suffix}"] = shape
     return shapes
