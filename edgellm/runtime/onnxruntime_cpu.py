@@ -30,13 +30,13 @@ class OrtSession(Session):
         super().__init__(layers, max_tokens)
         self.backend = backend
         cfg = backend.config
-        shape = (1, cfg.n_kv_heads, max_tokens, cfg.head_dim)
         self.binding = backend.session.io_binding()
         # logits is bound first so that it stays output 0 of the binding when re-bound per call
         self._decode_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, cfg.vocab_size), np.float32, "cpu", 0)
         self.binding.bind_ortvalue_output("logits", self._decode_logits)
         self._cache = []
         for i in range(cfg.n_layers):
+            shape = (1, cfg.n_kv_heads_at(i), max_tokens, cfg.head_dim)  # per layer: pruning may differ
             for kind in ("key", "value"):
                 buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
                 self._cache.append(buf)
