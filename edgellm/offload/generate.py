@@ -96,8 +96,8 @@ class Endpoint:
         from edgellm.offload.client import CloudClient
 
         self.url, self.fallback_profile = url, fallback_profile
-        self.client = _nodelay(CloudClient(url, token, timeout_s=config.timeout_s, dtype=config.dtype))
-        self._probe_client = _nodelay(CloudClient(url, token, timeout_s=min(config.timeout_s, 2.0), dtype=config.dtype))
+        self.client = with_nodelay(CloudClient(url, token, timeout_s=config.timeout_s, dtype=config.dtype))
+        self._probe_client = with_nodelay(CloudClient(url, token, timeout_s=min(config.timeout_s, 2.0), dtype=config.dtype))
         self.estimator = NetworkEstimator(config.estimator)
         self.config = config
         self.profile: LayerProfile | None = None
@@ -157,7 +157,7 @@ class Endpoint:
         self._probe_client.close()
 
 
-def _nodelay(client):
+def with_nodelay(client):
     """Turn Nagle off on the client's connections.
 
     Without TCP_NODELAY a request whose headers and body leave in two writes waits for the server's
