@@ -56,6 +56,8 @@ class DistillParams:
             raise ConfigError("lr and temperature must be > 0; hidden_weight and weight_decay >= 0")
         if self.max_seconds <= 0 or self.warmup < 0:
             raise ConfigError("max_seconds must be > 0 and warmup >= 0")
+        if any(type(i) is not int or i < 0 for i in self.hidden_layers):
+            raise ConfigError(f"hidden_layers must be layer indices >= 0, found {list(self.hidden_layers)}")
 
 
 def distill_windows(ids: list[int], p: DistillParams) -> tuple[list[list[int]], list[list[int]]]:
@@ -133,7 +135,7 @@ class Distiller:
         total, _, _ = self.loss(ids)
         total.backward()
         self.optimizer.step()
-        return float(total)
+        return float(total.detach())
 
 
 @register_pass("distill", DistillParams)

@@ -5,14 +5,19 @@ removing it deletes rows of Q, K, V and columns of O, and GQA stays consistent (
 keeps its full group). An FFN channel is a row of gate and up and a column of down. Per-layer head
 counts and FFN sizes then differ, so the model config records them (`layer_n_heads`, ...).
 
-Importance of a structure = the energy of what it adds to the residual stream on calibration text,
-relative to the energy of the stream entering the layer (so early and late layers compare):
+Importance of a structure, two estimates:
 
-    FFN channel j of layer i:  sum_t a_tj^2 * ||W_down[:, j]||^2         / sum_t ||x_t||^2
-    KV group g of layer i:     ||O[:, cols_g] @ W_o[:, cols_g]^T||_F^2    / sum_t ||x_t||^2
+  importance = "fisher"  (default; Kwon et al. 2022, "A Fast Post-Training Pruning Framework for
+      Transformers") a gate m multiplies each query head's and FFN channel's output (LlamaModel.gates);
+      the loss increase of removing structure S is ~ 1/2 sum_windows (d NLL_window / d m_S)^2 on
+      calibration text (a KV group's gradient is the sum of its query heads'). In loss units, so
+      structures of different layers and kinds compare directly.
+  importance = "energy"  what the structure adds to the residual stream, relative to the stream entering
+      the layer:  FFN channel j: sum_t a_tj^2 ||W_down[:, j]||^2 / sum_t ||x_t||^2, KV group g:
+      ||O[:, cols_g] W_o[:, cols_g]^T||_F^2 / sum_t ||x_t||^2  (a = silu(gate) * up, O = attention output).
 
-(a = silu(gate) * up, O = the attention output before o_proj). Structures are removed cheapest first by
-importance per parameter until the target fraction of the decoder layers' linear weights is gone:
+Structures are removed cheapest first by importance per parameter until the target fraction of the
+decoder layers' linear weights is gone:
 
   allocation = "global"   one ranking over all layers (importance-based non-uniform layer ratios)
   allocation = "owl"      per-layer targets from each layer's outlier ratio (OWL), ranked within layers
@@ -37,6 +42,7 @@ from edgellm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("global", "owl", "uniform")
+IMPORTANCES = ("fisher", "energy")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class StructuredParams:
 
     sparsity: float = 0.2
     allocation: str = "global"
+    importance: str = "fisher"
+    fisher_window: int = 128  # tokens per window: one squared gradient per window
     heads: bool = True  # allow removing KV groups (else FFN channels only)
     ffn_multiple: int = 32
     max_layer_sparsity: float = 0.6  # no layer loses more than this fraction of its linear weights
@@ -81,6 +89,10 @@ class StructuredParams:
             raise ConfigError(f"sparsity must be a fraction in (0, 1), found {self.sparsity!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation {self.allocation!r} unknown; valid: {', '.join(ALLOCATIONS)}")
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(f"importance {self.importance!r} unknown; valid: {', '.join(IMPORTANCES)}")
+        if not 2 <= self.fisher_window <= self.tokens:
+            raise ConfigError(f"fisher_window must be in [2, tokens], found {self.fisher_window}")
         if not self.sparsity <= self.max_layer_sparsity < 1:
             raise ConfigError(f"max_layer_sparsity must be in [sparsity, 1), found {self.max_layer_sparsity}")
         if type(self.ffn_multiple) is not int or self.ffn_multiple < 1:
@@ -181,6 +193,39 @@ def layer_stats(ref, inputs: dict[str, np.ndarray], layer: int, owl_m: float | N
     return LayerStats(channel, groups, ratio)
 
 
+def fisher_scores(ref, ids: list[int], window: int, progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer (FFN channel scores (F,), KV group scores (n_kv,)): 1/2 sum over windows of the squared
+    gradient of the window's mean next-token NLL with respect to each structure's gate."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = ref.config
+    gates = {}
+    for i in range(cfg.n_layers):
+        gates[f"blk.{i}.attn"] = torch.ones(cfg.n_heads_at(i), requires_grad=True)
+        gates[f"blk.{i}.ffn"] = torch.ones(cfg.ffn_size_at(i), requires_grad=True)
+    sums = {name: torch.zeros(cfg.n_kv_heads_at(int(name.split(".")[1])) if name.endswith("attn") else g.shape[0],
+                              dtype=torch.float64) for name, g in gates.items()}
+    starts = range(0, len(ids) - window + 1, window)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="structured: fisher", unit="window")
+    ref.gates = gates
+    try:
+        for s in starts:
+            tokens = torch.as_tensor(np.asarray(ids[s:s + window], dtype=np.int64))
+            logits, _ = ref.trace(tokens)
+            loss = F.cross_entropy(logits[:-1], tokens[1:])
+            for name, grad in zip(gates, torch.autograd.grad(loss, list(gates.values())), strict=True):
+                if name.endswith("attn"):  # a KV group's gate multiplies all its query heads
+                    grad = grad.view(sums[name].shape[0], -1).sum(1)
+                sums[name] += grad.to(torch.float64) ** 2
+    finally:
+        ref.gates = None
+    return [(0.5 * sums[f"blk.{i}.ffn"].numpy(), 0.5 * sums[f"blk.{i}.attn"].numpy()) for i in range(cfg.n_layers)]
+
+
 def shrink_layer(weights: dict, cfg, layer: int, drop_groups: set[int], drop_channels: set[int],
                  inputs: dict[str, np.ndarray] | None = None, damp: float = 0.01) -> dict[str, np.ndarray]:
     """The layer's linears (numpy (N, K) by role) without the given KV groups and FFN channels; with
@@ -239,8 +284,13 @@ def prune_structured_pass(state, p: StructuredParams) -> None:
     ids = calibration_tokens(model, p.calibration, p.tokens, p.window)
     ref = LlamaModel(model)
     owl_m = p.owl_m if p.allocation == "owl" else None
-    stats = [layer_stats(ref, inputs, i, owl_m)
-             for i, inputs in layer_stream(ref, ids, p.window, state.progress, "structured: score", with_hidden=True)]
+    if p.importance == "energy" or owl_m is not None:
+        stats = [layer_stats(ref, inputs, i, owl_m) for i, inputs in
+                 layer_stream(ref, ids, p.window, state.progress, "structured: score", with_hidden=True)]
+    if p.importance == "fisher":
+        fisher = fisher_scores(ref, ids, p.fisher_window, state.progress)
+        stats = [LayerStats(c, g, stats[i].outlier_ratio if owl_m is not None else 0.0)
+                 for i, (c, g) in enumerate(fisher)]
     chosen = select(cfg0, candidate_items(cfg0, stats, p), layer_targets(cfg0, stats, p), p)
     drops: dict[int, tuple[set[int], set[int]]] = {i: (set(), set()) for i in range(cfg0.n_layers)}
     for it in chosen:

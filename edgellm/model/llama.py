@@ -78,6 +78,9 @@ class LlamaModel(torch.nn.Module):
         self.inv_freq = torch.from_numpy(inverse_frequencies(description))  # float64
         # unit name -> list of (T, K) inputs; set to a dict to record what each fused linear group sees
         self.capture: dict[str, list[torch.Tensor]] | None = None
+        # structure gates: "blk.{i}.attn" (n_heads,) scales each query head's output, "blk.{i}.ffn" (F,) each
+        # FFN channel; all ones = the model unchanged. Pruning reads importance from d(loss)/d(gate).
+        self.gates: dict[str, torch.Tensor] | None = None
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding[token_ids]  # (T, hidden)
@@ -131,6 +134,8 @@ class LlamaModel(torch.nn.Module):
         keys = cache.keys[slot, :pos0 + t, :n_kv]  # (S, n_kv, d)
         values = cache.values[slot, :pos0 + t, :n_kv]
         attn = self._attention(q, keys, values, pos0)  # (T, n_head * d)
+        if self.gates is not None:
+            attn = (attn.view(t, n_heads, cfg.head_dim) * self.gates[f"blk.{i}.attn"][:, None]).view(t, -1)
         self._record(f"blk.{i}.attn_output", attn)
         x = x + attn @ p["attn_output"].T
         h = rms_norm(x, p["ffn_norm"], cfg.norm_eps)
@@ -138,6 +143,8 @@ class LlamaModel(torch.nn.Module):
         gate = h @ p["ffn_gate"].T
         up = h @ p["ffn_up"].T
         act = torch.nn.functional.silu(gate) * up
+        if self.gates is not None:
+            act = act * self.gates[f"blk.{i}.ffn"]
         self._record(f"blk.{i}.ffn_down", act)
         return x + act @ p["ffn_down"].T
 
