@@ -1,69 +1,454 @@
-"""Quality vs size vs speed for a set of plans, all through the same evaluator (issue 4's results).
+"""Quality vs size vs speed, every method through the same evaluator (issue 4's results table).
 
     python -m edgellm.bench.pareto --out bench_results/pareto     # writes pareto.json, pareto.md, pareto.png
 
-Every plan is exported to ONNX, then scored on held-out text (alice29.txt; calibration used
-asyoulik.txt) and timed for decode on this machine. Not a test: it takes minutes.
+Rows are data: the lossless transcode, uniform RTN formats (UNIFORM_FORMATS), every recipe in
+models/recipes/ (a recipe with an allocate pass runs once per budget: bits/weight of the linear layers, or
+ms/token on its target; other recipes, e.g. GPTQ or pruning, run once), and llama.cpp's own types made
+from the same GGUF by llama.cpp's quantizer (edgellm.bench.llamacpp_quant). A new recipe joins the table
+by being added to models/recipes/.
+
+Every row is scored on alice29.txt (first 8192 tokens, windows of 512; calibration uses asyoulik.txt):
+  ppl ref     the exact reference (torch, fp32 activations) on the weights the row stores; llama.cpp's
+              files are dequantized by gguf, so both sides are compared on their weights alone
+  ppl engine  the row's runtime: ONNX Runtime (int8 activations) for plans that export, llama.cpp for its
+              files (it quantizes activations to 8 bits too); the reference for 3-bit plans (no ORT kernel)
+Size, like with like: "model MB" is a whole GGUF-style file. For llama.cpp rows it is the file; for edgellm
+rows it is the source GGUF with its linear tensors replaced by edgellm's as stored (packed codes + fp32
+scales and offsets). The embedding (tied with the lm_head) is the source's Q8_0 on both sides, counted once.
+"fp16 MB" stores the same scales/offsets as fp16 (what a compact container would hold; not measured).
+"bits/weight" is the linear layers' bytes x 8 over the source model's linear weights. The ONNX export is
+bigger than either ("export MB": fp32 scales, and the embedding stored twice for speed).
+Speed: measured decode ms/token on ONNX Runtime (this machine, --threads), and the cost table's prediction.
+
+Each row is cached under ~/.cache/edgellm/pareto, keyed by what determines it (the entry, the recipe file's
+text, the source model, the evaluation settings; not the commit), so a rerun computes only new rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import os
+import platform
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from edgellm.compress.plan import CompressionPlan
 
+log = logging.getLogger(__name__)
 
-def default_plans(model) -> list[tuple[str, CompressionPlan]]:
+CACHE_VERSION = 1
+EVAL_TEXT = "alice29.txt"
+UNIFORM_FORMATS = ("int2", "int3", "int3-sym", "int4-sym", "int4", "int8")
+SIZE_BUDGETS_BPW = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+LATENCY_BUDGETS_MS = (6.0, 6.5, 7.0)
+# recipes whose budgets differ from "every size budget" (allocate passes) or "run once" (the rest)
+RECIPE_BUDGETS: dict[str, dict[str, Any]] = {
+    "haq-cpu-ort": {"target": "cpu-ort", "ms_per_token": LATENCY_BUDGETS_MS},
+    "allocate-size-rl": {"bits_per_weight": (3.0, 4.0)},
+}
+SKIP_RECIPES = {"rtn-int4": "= the uniform int4 row", "lossless": "= the lossless row"}
+GROUPS = ("lossless", "uniform RTN", "GPTQ", "allocator (size)", "allocator (latency)", "RL search",
+          "pruning", "recipe", "llama.cpp")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row to compute: `kind` "plan" (spec: plan JSON), "recipe" (spec: name, budget kind, value) or
+    "llamacpp" (spec: type name)."""
+
+    name: str
+    group: str
+    kind: str
+    spec: tuple
+
+
+def _recipe_group(recipe) -> str:
+    passes = [s.name for s in recipe.passes]
+    if "allocate" in passes:
+        solver = next(s.params.solver for s in recipe.passes if s.name == "allocate")
+        return "RL search" if solver == "rl" else "allocator (size)"
+    if any(p.startswith(("prune", "wanda", "sparsegpt", "magnitude", "structured", "distill")) for p in passes):
+        return "pruning"
+    return "GPTQ" if "gptq" in passes else "recipe"
+
+
+def entries(budgets_bpw=SIZE_BUDGETS_BPW, budgets_ms=LATENCY_BUDGETS_MS, llamacpp_types=None) -> list[Entry]:
+    """Every row of the table, in order."""
+    from edgellm.bench.llamacpp_quant import DEFAULT_TYPES
     from edgellm.compress.plan import PRESETS
+    from edgellm.compress.recipe import RECIPES_DIR, load_recipe
 
-    plans = [("lossless (Q4_1 transcode)", PRESETS["lossless-transcode"])]
-    for fmt in ("int8", "int4-sym", "int2"):
-        plans.append((f"uniform {fmt} RTN", CompressionPlan(default=fmt, name=f"rtn-{fmt}")))
-    return plans
+    rows = [Entry("lossless (Q4_1 transcode)", "lossless", "plan", (json.dumps(PRESETS["lossless-transcode"].to_dict()),))]
+    for fmt in UNIFORM_FORMATS:
+        plan = CompressionPlan(default=fmt, name=f"rtn-{fmt}")
+        rows.append(Entry(f"uniform {fmt} RTN", "uniform RTN", "plan", (json.dumps(plan.to_dict()),)))
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        name = path.stem
+        if name in SKIP_RECIPES:
+            continue
+        try:
+            recipe = load_recipe(path)
+        except Exception as exc:  # a recipe another pass registry does not know yet: say so, keep going
+            log.warning("recipe %s skipped: %s", name, exc)
+            continue
+        group = _recipe_group(recipe)
+        budgets = RECIPE_BUDGETS.get(name, {})
+        if "ms_per_token" in budgets:
+            for ms in budgets_ms if name == "haq-cpu-ort" else budgets["ms_per_token"]:
+                rows.append(Entry(f"{name} <= {ms} ms/token", "allocator (latency)", "recipe", (name, "ms", ms)))
+        elif group in ("allocator (size)", "RL search"):
+            for bpw in budgets.get("bits_per_weight", budgets_bpw):
+                rows.append(Entry(f"{name} <= {bpw} bits/weight", group, "recipe", (name, "bpw", bpw)))
+        else:
+            rows.append(Entry(name, group, "recipe", (name, "", 0)))
+    for t in llamacpp_types or DEFAULT_TYPES:
+        rows.append(Entry(f"llama.cpp {t}", "llama.cpp", "llamacpp", (t,)))
+    return rows
 
 
-def allocated_plans(model, budgets_ms: list[float], cache_dir: Path) -> list[tuple[str, CompressionPlan]]:
-    """Allocator plans for latency budgets on cpu-ort (sensitivities measured once and cached)."""
-    from edgellm.compress.passes import CompressState
-    from edgellm.compress.pipeline import run_recipe
-    from edgellm.compress.recipe import load_recipe
-    from edgellm.compress.target import load_target
-
-    recipe = load_recipe("haq-cpu-ort")
-    target = load_target("cpu-ort")
-    table = target.load_cost_table()
-    cfg = model.config
-    fixed = table.overhead_us + table.cost_us(cfg.hidden_size, cfg.vocab_size, "int8")
-    out = []
-    for ms in budgets_ms:
-        state = CompressState(model=model, plan=CompressionPlan(), cache_dir=cache_dir, target=target, progress=True,
-                              budget_us=ms * 1e3 - fixed,
-                              cost_us=lambda u, f: table.cost_us(u.k, u.n, "int4" if f == "auto" else f))
-        run_recipe(state, recipe)
-        out.append((f"allocator <= {ms} ms/token", state.plan))
-    return out
+@dataclass
+class Context:
+    source: Path
+    ids: list[int]
+    window: int
+    threads: int
+    sensitivity_cache: Path
+    linear_weights: int  # of the source model
+    nonlinear_bytes: int  # source GGUF bytes that are not linear layers (embedding, norms, metadata)
+    progress: bool = True
 
 
-def evaluate(model, tokenizer, name: str, plan: CompressionPlan, ppl_tokens: int, threads: int) -> dict:
-    from edgellm.bench.decode_probe import decode_ms_per_token
+def _cache_root() -> Path:
+    return Path(os.environ.get("EDGELLM_CACHE") or Path.home() / ".cache" / "edgellm")
+
+
+def cache_key(entry: Entry, ctx: Context) -> str:
+    from edgellm.compress.recipe import RECIPES_DIR
+
+    recipe_text = ""
+    if entry.kind == "recipe":
+        recipe_text = (RECIPES_DIR / f"{entry.spec[0]}.toml").read_text()
+    data = {"v": CACHE_VERSION, "kind": entry.kind, "spec": list(entry.spec), "recipe": recipe_text,
+            "source": [str(ctx.source), ctx.source.stat().st_size], "text": EVAL_TEXT, "tokens": len(ctx.ids),
+            "window": ctx.window, "threads": ctx.threads}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ---- edgellm rows ---------------------------------------------------------------------------------------
+
+def compact_linear_bytes(description, plan: CompressionPlan) -> int:
+    """Linear bytes if scales and offsets were stored as fp16 (codes unchanged)."""
+    from edgellm.compress.plan import QUANT_FORMATS
+    from edgellm.compress.rtn import linear_names
+
+    total = 0
+    for name in linear_names(description):
+        t = description.weights[f"{name}.weight"]
+        n, k = t.shape
+        fmt = plan.format_for(name)
+        if fmt in QUANT_FORMATS:
+            spec = QUANT_FORMATS[fmt]
+            total += k * n * spec.bits // 8 + (k * n // spec.group) * 2 * (1 if spec.symmetric else 2)
+        elif fmt == "auto" and t.qtype == "BLOCKQ":
+            b = t.blocks
+            total += b.packed.nbytes + (b.scales.nbytes + (0 if b.block_offsets is None else b.block_offsets.nbytes)) // 2
+        elif fmt == "auto" and t.qtype in ("Q4_0", "Q4_1", "Q8_0"):
+            total += t.nbytes  # the GGUF's own blocks (fp16 scales)
+        else:
+            total += 2 * n * k  # fp16 weights
+    return total
+
+
+def _ppl(backend, ctx: Context) -> float:
     from edgellm.bench.perplexity import perplexity
-    from edgellm.corpus import canterbury_path
+
+    return perplexity(backend, ctx.ids, window=ctx.window).ppl
+
+
+def evaluate_edgellm(description, plan: CompressionPlan, ctx: Context) -> dict:
+    """Sizes, reference perplexity, and (when ONNX Runtime can run it) export size, ORT perplexity,
+    measured and predicted decode ms/token."""
+    from edgellm.compress.rtn import linear_bytes, materialize, non_onnx_layers
+    from edgellm.export.onnx_export import effective_description
+    from edgellm.runtime.registry import create_backend
+
+    stored, kept = materialize(description, plan)
+    lin, _ = linear_bytes(stored, kept)
+    row: dict[str, Any] = {
+        "linear_bytes": lin, "bits_per_weight": 8 * lin / ctx.linear_weights,
+        "model_mb": (ctx.nonlinear_bytes + lin) / 1e6,
+        "model_mb_fp16": (ctx.nonlinear_bytes + compact_linear_bytes(stored, kept)) / 1e6,
+        "formats": _format_counts(description, plan),
+    }
+    eff = effective_description(stored, kept)
+    row["ppl_ref"] = _ppl(create_backend("reference", eff, threads=ctx.threads), ctx)
+    del eff
+    bad = non_onnx_layers(stored, kept)
+    if bad:
+        row.update(engine="reference", ppl_engine=row["ppl_ref"],
+                   note=f"not exportable: {len(bad)} layers ONNX Runtime cannot run (3-bit)")
+        return row
+    row.update(_onnx_measurements(stored, kept, ctx))
+    return row
+
+
+def _format_counts(description, plan: CompressionPlan) -> dict[str, int]:
+    from edgellm.compress.rtn import linear_names
+
+    counts: dict[str, int] = {}
+    for name in linear_names(description):
+        fmt = plan.format_for(name)
+        if fmt == "auto":
+            t = description.weights[f"{name}.weight"]
+            fmt = t.blocks.source if t.qtype == "BLOCKQ" else f"auto ({t.qtype})"
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
+def _onnx_measurements(description, plan: CompressionPlan, ctx: Context) -> dict:
+    from edgellm.bench.decode_probe import decode_ms_per_token
+    from edgellm.compress.target import export_linears, load_target
+    from edgellm.errors import ConfigError
     from edgellm.export.onnx_export import export_onnx
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
-    ids = tokenizer.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[:ppl_tokens]
     with tempfile.TemporaryDirectory(prefix="edgellm-pareto-") as tmp:
-        art = export_onnx(model, Path(tmp) / "onnx", plan)
-        size_mb = sum(p.stat().st_size for p in art.iterdir()) / 2**20
-        ppl = perplexity(create_backend("onnxruntime", load_model(art), threads=threads), ids, window=512).ppl
-        ms = decode_ms_per_token(art, threads=threads)
-    print(f"{name}: {size_mb:.1f} MB, ppl {ppl:.3f}, {ms:.2f} ms/token", file=sys.stderr)
-    return {"name": name, "file_mb": size_mb, "ppl": ppl, "decode_ms_per_token": ms, "plan": plan.to_dict()}
+        art = export_onnx(description, Path(tmp) / "onnx", plan)
+        out = {"engine": "onnxruntime", "export_mb": sum(p.stat().st_size for p in art.iterdir()) / 1e6}
+        out["ppl_engine"] = _ppl(create_backend("onnxruntime", load_model(art), threads=ctx.threads), ctx)
+        out["ort_ms_per_token"] = decode_ms_per_token(art, threads=ctx.threads)
+        manifest = json.loads((art / "manifest.json").read_text())
+    try:
+        table = load_target("cpu-ort").load_cost_table()
+        formats, shapes = export_linears(description.config, manifest["layers"])
+        out["predicted_ms_per_token"] = table.predict_decode_us(formats, shapes) / 1e3
+    except ConfigError as exc:  # e.g. groups of 64: not in the measured cost table
+        out["predicted_note"] = str(exc).split(";")[0]
+    return out
+
+
+def _load_source():
+    from edgellm.model.loader import load_model
+
+    return load_model()
+
+
+def run_recipe_entry(entry: Entry, ctx: Context) -> dict:
+    from edgellm.compress.passes import CompressState
+    from edgellm.compress.pipeline import run_recipe
+    from edgellm.compress.recipe import load_recipe
+    from edgellm.errors import ConfigError
+
+    name, budget_kind, value = entry.spec
+    recipe = load_recipe(name)
+    model = _load_source()
+    state = CompressState(model=model, plan=CompressionPlan(), seed=recipe.seed, progress=ctx.progress,
+                          cache_dir=ctx.sensitivity_cache)
+    if budget_kind == "bpw":
+        state.budget_bytes = int(value * ctx.linear_weights / 8)
+    elif budget_kind == "ms":
+        _attach_latency_budget(state, RECIPE_BUDGETS[name]["target"], value)
+    ensure_sensitivity(state, recipe)
+    started = time.perf_counter()
+    try:
+        run_recipe(state, recipe)
+    except ConfigError as exc:  # e.g. a budget below the smallest plan the recipe's formats allow
+        return {"error": str(exc)}
+    search_s = time.perf_counter() - started
+    row = evaluate_edgellm(state.model, state.plan, ctx)
+    row["recipe_seconds"] = search_s
+    row["report"] = state.report
+    return row
+
+
+def _attach_latency_budget(state, target_name: str, ms: float) -> None:
+    from edgellm.compress.target import load_target
+
+    target = load_target(target_name)
+    table = target.load_cost_table()
+    cfg = state.model.config
+    state.target = target
+    state.cost_us = lambda u, f: table.cost_us(u.k, u.n, "int4" if f == "auto" else f)
+    state.plan = CompressionPlan(accuracy_level=target.accuracy_level, lm_head_accuracy_level=target.lm_head_accuracy_level)
+    state.budget_us = ms * 1e3 - (table.overhead_us + table.cost_us(cfg.hidden_size, cfg.vocab_size, "int8"))
+
+
+def ensure_sensitivity(state, recipe) -> None:
+    """Before an allocate pass: build its sensitivity table from cached tables of the same model and
+    calibration (other format lists), measuring only the formats none of them holds."""
+    from edgellm.compress.sensitivity import (
+        SensitivityConfig,
+        SensitivityTable,
+        cache_key,
+        calibration_ids,
+        measure_sensitivity,
+    )
+    from edgellm.compress.units import units
+    from edgellm.model.tokenizer import Tokenizer
+
+    for spec in recipe.passes:
+        if spec.name != "allocate":
+            continue
+        p = spec.params
+        formats = [f for f in p.formats if f != "auto" and (state.target is None or state.target.supports("linear", f))]
+        config = SensitivityConfig(calibration=p.calibration, tokens=p.tokens, window=p.window, formats=tuple(formats))
+        path = state.cache_dir / f"sensitivity-{cache_key(state.model, config)}.json"
+        if path.is_file():
+            continue
+        merged: dict[str, dict[str, float]] = {}
+        for other in sorted(state.cache_dir.glob("sensitivity-*.json")):
+            table = SensitivityTable.load(other)
+            same = {k: table.config.get(k) for k in ("calibration", "tokens", "window")} == {
+                "calibration": p.calibration, "tokens": p.tokens, "window": p.window}
+            if same and table.model == str(state.model.source):
+                for unit, per in table.kl.items():
+                    merged.setdefault(unit, {}).update({f: v for f, v in per.items() if f in formats})
+        names = [u.name for u in units(state.model.config)]
+        have = set.intersection(*(set(merged.get(n, {})) for n in names))
+        missing = tuple(f for f in formats if f not in have)
+        if missing:
+            log.info("sensitivity: measuring %s (cached: %s)", ", ".join(missing), ", ".join(sorted(have)) or "none")
+            ids = calibration_ids(Tokenizer(state.model.tokenizer), config)
+            fresh = measure_sensitivity(state.model, ids, SensitivityConfig(
+                calibration=p.calibration, tokens=p.tokens, window=p.window, formats=missing), progress=state.progress)
+            for unit, per in fresh.kl.items():
+                merged.setdefault(unit, {}).update(per)
+        state.cache_dir.mkdir(parents=True, exist_ok=True)
+        SensitivityTable(model=str(state.model.source), config=asdict(config), kl=merged).save(path)
+
+
+def run_plan_entry(entry: Entry, ctx: Context) -> dict:
+    plan = CompressionPlan.from_dict(json.loads(entry.spec[0]))
+    return evaluate_edgellm(_load_source(), plan, ctx)
+
+
+# ---- llama.cpp rows -------------------------------------------------------------------------------------
+
+def run_llamacpp_entry(entry: Entry, ctx: Context) -> dict:
+    from edgellm.bench.llamacpp_quant import gguf_sizes, llamacpp_perplexity, requantize
+    from edgellm.model.loader import load_model
+    from edgellm.runtime.registry import create_backend
+
+    path = requantize(ctx.source, entry.spec[0], threads=ctx.threads)
+    sizes = gguf_sizes(path)
+    row = {"file": str(path), "model_mb": sizes.file_bytes / 1e6, "model_mb_fp16": sizes.file_bytes / 1e6,
+           "linear_bytes": sizes.linear_bytes, "bits_per_weight": 8 * sizes.linear_bytes / ctx.linear_weights,
+           "formats": sizes.tensor_types, "embedding": sizes.embedding_type, "engine": "llama.cpp"}
+    row["ppl_engine"] = llamacpp_perplexity(path, ctx.ids, window=ctx.window, threads=ctx.threads)
+    row["ppl_ref"] = _ppl(create_backend("reference", load_model(path), threads=ctx.threads), ctx)
+    return row
+
+
+RUNNERS: dict[str, Callable[[Entry, Context], dict]] = {
+    "plan": run_plan_entry, "recipe": run_recipe_entry, "llamacpp": run_llamacpp_entry}
+
+
+def run_entry(entry: Entry, ctx: Context, refresh: bool = False) -> dict:
+    """One row, from the cache when its inputs are unchanged."""
+    path = _cache_root() / "pareto" / f"{cache_key(entry, ctx)}.json"
+    if path.is_file() and not refresh:
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    row = {"name": entry.name, "group": entry.group, "kind": entry.kind, "spec": list(entry.spec),
+           **RUNNERS[entry.kind](entry, ctx)}
+    row["eval_seconds"] = time.perf_counter() - started
+    _write_atomic(path, json.dumps(row, indent=1, default=str))
+    return row
+
+
+# ---- targets, outputs ------------------------------------------------------------------------------------
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """Issue 4's size target, for each size accounting and perplexity measure: at every bits/weight
+    budget the allocator's plan beats every llama.cpp type whose file is at least as large; at ~3
+    bits/weight it beats Q3_K_M."""
+    alloc = [r for r in rows if r["group"] == "allocator (size)" and "error" not in r]
+    llama = {r["name"].split()[-1]: r for r in rows if r["group"] == "llama.cpp" and "error" not in r}
+    checks = []
+    for size_key in ("model_mb", "model_mb_fp16"):
+        for ppl_key in ("ppl_ref", "ppl_engine"):
+            for a in alloc:
+                bigger = [(t, r) for t, r in llama.items() if r[size_key] >= a[size_key]]
+                losses = [t for t, r in bigger if not a[ppl_key] < r[ppl_key]]
+                checks.append({"size": size_key, "ppl": ppl_key, "plan": a["name"], "plan_mb": a[size_key],
+                               "plan_ppl": a[ppl_key], "compared": [t for t, _ in bigger], "beaten_by": losses,
+                               "holds": not losses})
+            at3 = [a for a in alloc if a["spec"][1] == "bpw" and abs(a["spec"][2] - 3.0) < 1e-9]
+            if at3 and "Q3_K_M" in llama:
+                a, q = at3[0], llama["Q3_K_M"]
+                checks.append({"size": size_key, "ppl": ppl_key, "plan": a["name"], "plan_mb": a[size_key],
+                               "plan_ppl": a[ppl_key], "compared": ["Q3_K_M"], "q3_k_m_mb": q[size_key],
+                               "q3_k_m_ppl": q[ppl_key], "beaten_by": [] if a[ppl_key] < q[ppl_key] else ["Q3_K_M"],
+                               "holds": a[ppl_key] < q[ppl_key], "kind": "~3 bits/weight vs Q3_K_M"})
+    return checks
+
+
+def rl_vs_milp(rows: list[dict]) -> list[dict]:
+    """RL-search rows beside the MILP rows at the same budget: predicted loss, search time, perplexity."""
+    milp = {r["spec"][2]: r for r in rows if r["group"] == "allocator (size)" and "error" not in r}
+    out = []
+    for r in rows:
+        if r["group"] != "RL search" or "error" in r or r["spec"][2] not in milp:
+            continue
+        m = milp[r["spec"][2]]
+        rl_kl, milp_kl = r["report"]["allocate"]["predicted_kl"], m["report"]["allocate"]["predicted_kl"]
+        out.append({"bits_per_weight": r["spec"][2], "milp_predicted_kl": milp_kl, "rl_predicted_kl": rl_kl,
+                    "gap": rl_kl / milp_kl - 1 if milp_kl > 0 else None, "rl_never_better": rl_kl >= milp_kl * (1 - 1e-9),
+                    "milp_seconds": m["recipe_seconds"], "rl_seconds": r["recipe_seconds"],
+                    "milp_ppl_ref": m["ppl_ref"], "rl_ppl_ref": r["ppl_ref"]})
+    return out
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [(f"SmolLM2-135M-Instruct (source: {Path(result['source']).name}), perplexity on {EVAL_TEXT} "
+             f"(first {result['ppl_tokens']} tokens, windows of {result['window']}), {result['threads']} threads, "
+             f"{result['machine']['cpu']} ({result['machine']['cpus']} cores, shared), commit {result['commit']}."), "",
+             ("| row | group | model MB | fp16 MB | bits/weight | ppl ref | ppl engine | engine | ORT ms/token "
+             "| predicted ms/token | export MB |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['group']} | - | - | - | - | - | - | - | - | - |  <!-- {r['error']} -->")
+            continue
+        lines.append(f"| {r['name']} | {r['group']} | {r['model_mb']:.1f} | {r['model_mb_fp16']:.1f} | "
+                     f"{r['bits_per_weight']:.2f} | {r['ppl_ref']:.3f} | {r['ppl_engine']:.3f} | {r['engine']} | "
+                     f"{_fmt(r.get('ort_ms_per_token'))} | {_fmt(r.get('predicted_ms_per_token'))} | "
+                     f"{_fmt(r.get('export_mb'), '.1f')} |")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        lines += ["", "Rows without a result:"] + [f"- {r['name']}: {r['error']}" for r in errors]
+    if result["rl_vs_milp"]:
+        lines += ["", "RL search (HAQ DDPG) vs the exact MILP on the same sensitivity table and budget:", "",
+                  "| bits/weight | MILP predicted KL | RL predicted KL | gap | MILP s | RL s | MILP ppl ref | RL ppl ref |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in result["rl_vs_milp"]:
+            lines.append(f"| {c['bits_per_weight']} | {c['milp_predicted_kl']:.4f} | {c['rl_predicted_kl']:.4f} | "
+                         f"{_fmt(c['gap'] * 100 if c['gap'] is not None else None, '.1f')} % | "
+                         f"{c['milp_seconds']:.1f} | {c['rl_seconds']:.1f} | {c['milp_ppl_ref']:.3f} | {c['rl_ppl_ref']:.3f} |")
+    lines += ["", "Issue 4 size target (allocator plan vs every llama.cpp type of equal or larger file):", "",
+              "| size accounting | ppl | plan | plan MB | plan ppl | llama.cpp types compared | beaten by | holds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in result["targets"]:
+        lines.append(f"| {c['size']} | {c['ppl']} | {c['plan']}{' vs Q3_K_M' if c.get('kind') else ''} | "
+                     f"{c['plan_mb']:.1f} | {c['plan_ppl']:.3f} | {', '.join(c['compared']) or '(none)'} | "
+                     f"{', '.join(c['beaten_by']) or '-'} | {'yes' if c['holds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -72,55 +457,139 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = min(r["ppl"] for r in rows)
-    shown = [r for r in rows if r["ppl"] < 3 * best]  # a collapsed plan (e.g. uniform int2) would flatten the rest
-    hidden = [r["name"] for r in rows if r not in shown]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    markers = "osD^vP*Xh<>"
-    for ax, key, label in ((axes[0], "file_mb", "exported files (MB)"),
-                           (axes[1], "decode_ms_per_token", "decode ms/token (ONNX Runtime, 2 threads)")):
-        for i, r in enumerate(shown):
-            ax.scatter(r[key], r["ppl"], s=45, marker=markers[i % len(markers)], label=r["name"])
+    ok = [r for r in rows if "error" not in r]
+    best = min(r["ppl_ref"] for r in ok)
+    shown = [r for r in ok if r["ppl_ref"] < 4 * best]  # collapsed plans (e.g. uniform 2-bit) would flatten the rest
+    hidden = [r["name"] for r in ok if r not in shown]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.6))
+    colours = dict(zip(GROUPS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2, strict=False))
+    markers = dict(zip(GROUPS, "*osDPv^Xh", strict=False))
+    for ax, key, label, ppl_key in (
+            (axes[0], "model_mb", "model MB (GGUF-style file, embedding Q8_0 counted once)", "ppl_ref"),
+            (axes[1], "ort_ms_per_token", "measured decode ms/token (ONNX Runtime)", "ppl_engine")):
+        for group in GROUPS:
+            pts = [r for r in shown if r["group"] == group and r.get(key) is not None]
+            if not pts:
+                continue
+            ax.scatter([r[key] for r in pts], [r[ppl_key] for r in pts], s=50, marker=markers[group],
+                       color=colours[group], label=group)
+            for r in pts:
+                short = r["name"].replace("llama.cpp ", "").replace(" bits/weight", " b/w").replace("uniform ", "")
+                ax.annotate(short, (r[key], r[ppl_key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
-        ax.set_ylabel("perplexity, alice29 (8192 tokens)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="upper right")
-    title = "SmolLM2-135M: quality vs size and decode speed (edgellm plans)"
+        ax.set_ylabel(f"perplexity, {EVAL_TEXT} ({'reference' if ppl_key == 'ppl_ref' else 'same engine'})")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, loc="upper right")
+    title = "SmolLM2-135M: quality vs size (left) and vs decode speed on ONNX Runtime (right)"
     if hidden:
-        title += f"\nnot shown (ppl > 3x best): {', '.join(hidden)}"
-    fig.suptitle(title, fontsize=10)
+        title += f"\nnot shown (ppl > 4x best): {', '.join(hidden)}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "system": platform.system(), "python": platform.python_version()}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def context(ppl_tokens: int, window: int, threads: int) -> Context:
+    from edgellm.bench.llamacpp_quant import gguf_sizes
+    from edgellm.corpus import canterbury_path
+    from edgellm.model.tokenizer import Tokenizer
+
+    model = _load_source()
+    ids = Tokenizer(model.tokenizer).encode(canterbury_path(EVAL_TEXT).read_bytes().decode("utf-8"))[:ppl_tokens]
+    sizes = gguf_sizes(model.source)
+    return Context(source=Path(model.source), ids=ids, window=window, threads=threads,
+                   sensitivity_cache=_cache_root() / "sensitivity", linear_weights=sizes.linear_weights,
+                   nonlinear_bytes=sizes.file_bytes - sizes.linear_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench_results/pareto", help="output prefix")
-    p.add_argument("--budgets-ms", default="6.0,6.5,7.0", help="allocator latency budgets, comma-separated")
+    p.add_argument("--out", default="bench_results/pareto", help="output prefix (writes .json, .md, .png)")
+    p.add_argument("--budgets-bpw", default=",".join(map(str, SIZE_BUDGETS_BPW)),
+                   help="size budgets for allocate recipes, bits/weight of the linear layers, comma-separated")
+    p.add_argument("--budgets-ms", default=",".join(map(str, LATENCY_BUDGETS_MS)),
+                   help="latency budgets for haq-cpu-ort, ms/token on cpu-ort, comma-separated")
     p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default=None, help="compute only rows whose name contains this (others from cache)")
+    p.add_argument("--refresh", action="store_true", help="recompute rows even when cached")
     p.add_argument("--replot", action="store_true", help="redraw the PNG from an existing OUT.json")
     a = p.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(f"{a.out}.json").read_text()), Path(f"{a.out}.png"))
-        return 0
-    from edgellm.cli.commands import _default_cache
-    from edgellm.model.loader import load_model
-    from edgellm.model.tokenizer import Tokenizer
-
-    model = load_model()
-    tok = Tokenizer(model.tokenizer)
-    budgets = [float(x) for x in a.budgets_ms.split(",") if x]
-    plans = default_plans(model) + allocated_plans(model, budgets, _default_cache())
-    rows = [evaluate(model, tok, name, plan, a.ppl_tokens, a.threads) for name, plan in plans]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| plan | files MB | decode ms/token | ppl |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['file_mb']:.1f} | {r['decode_ms_per_token']:.2f} | {r['ppl']:.3f} |" for r in rows]
-    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    if a.replot:
+        data = json.loads(Path(f"{out}.json").read_text())
+        plot(data["rows"] if isinstance(data, dict) else data, Path(f"{out}.png"))
+        return 0
+    from tqdm import tqdm
+
+    ctx = context(a.ppl_tokens, a.window, a.threads)
+    todo = entries(tuple(float(x) for x in a.budgets_bpw.split(",") if x),
+                   tuple(float(x) for x in a.budgets_ms.split(",") if x))
+    started = time.time()
+    rows = []
+    bar = tqdm(todo, desc="pareto", unit="row")
+    for entry in bar:
+        bar.set_postfix_str(entry.name)
+        if a.only and a.only not in entry.name:
+            path = _cache_root() / "pareto" / f"{cache_key(entry, ctx)}.json"
+            if path.is_file():
+                rows.append(json.loads(path.read_text()))
+            continue
+        row = run_entry(entry, ctx, refresh=a.refresh)
+        rows.append(row)
+        if "error" in row:
+            log.info("%s: %s", entry.name, row["error"])
+        else:
+            log.info("%s: %.1f MB, %.2f bits/weight, ppl ref %.3f, %s %.3f", entry.name, row["model_mb"],
+                     row["bits_per_weight"], row["ppl_ref"], row["engine"], row["ppl_engine"])
+    result = {"source": str(ctx.source), "ppl_tokens": len(ctx.ids), "window": ctx.window, "threads": ctx.threads,
+              "machine": _machine(), "commit": _commit(), "command": "python -m edgellm.bench.pareto " + " ".join(argv or sys.argv[1:]),
+              "wall_seconds": time.time() - started, "rows": rows}
+    result["rl_vs_milp"] = rl_vs_milp(rows)
+    result["targets"] = check_targets(rows)
+    _write_atomic(Path(f"{out}.json"), json.dumps(result, indent=1, default=str))
+    text = markdown(result)
+    _write_atomic(Path(f"{out}.md"), text)
     plot(rows, Path(f"{out}.png"))
-    print("\n".join(lines))
+    print(text)
     return 0
 
 
