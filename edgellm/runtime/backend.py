@@ -98,6 +98,40 @@ class Session(ABC):
     def reset(self) -> None:
         self.truncate(0)
 
+    def export_kv(self, start: int | None = None, stop: int | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Keys and values of layers [start, stop) for the cached positions, each (position, n_kv_heads,
+        head_dim) float32: what moves when a layer changes sides of a split."""
+        start = self.layers.start if start is None else start
+        stop = self.layers.stop if stop is None else stop
+        if not self.layers.start <= start <= stop <= self.layers.stop:
+            raise ConfigError(f"layers [{start}, {stop}) are not inside this session's "
+                              f"[{self.layers.start}, {self.layers.stop})")
+        return {i: self.read_kv(i) for i in range(start, stop)}
+
+    def import_kv(self, kv: dict[int, tuple[np.ndarray, np.ndarray]], position: int) -> None:
+        """Adopt a cache built elsewhere: every layer of this range for positions [0, position)."""
+        missing = [i for i in range(self.layers.start, self.layers.stop) if i not in kv]
+        if missing:
+            raise ConfigError(f"import_kv needs every layer of [{self.layers.start}, {self.layers.stop}); "
+                              f"missing {missing}")
+        if not 0 <= position <= self.max_tokens:
+            raise ContextOverflowError(f"{position} cached tokens exceed this session's context of {self.max_tokens}")
+        for i in range(self.layers.start, self.layers.stop):
+            keys, values = kv[i]
+            if keys.shape[0] != position or values.shape[0] != position:
+                raise ConfigError(f"layer {i}: {keys.shape[0]} keys / {values.shape[0]} values for {position} positions")
+            self.write_kv(i, keys, values)
+        self._set_position(position)
+
+    def _set_position(self, position: int) -> None:
+        self.position = position
+
+    def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} cannot export its cache")
+
+    def write_kv(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot import a cache")
+
 
 class Backend(ABC):
     """A loaded model on one target. Subclasses register under `name` (see registry)."""
@@ -109,7 +143,7 @@ class Backend(ABC):
         self.config = config
 
     def open_session(self, layers: LayerRange | None = None, max_tokens: int | None = None) -> Session:
-        layers = layers or LayerRange.full(self.config.n_layers)
+        layers = LayerRange.full(self.config.n_layers) if layers is None else layers  # an empty range is falsy
         if not self.supports_layer_ranges and (layers.start, layers.stop) != (0, self.config.n_layers):
             raise ConfigError(f"backend {self.name!r} runs only the whole model, not layers {layers}")
         max_tokens = max_tokens or self.config.context_length

@@ -29,35 +29,51 @@ class OrtSession(Session):
     def __init__(self, backend: OrtBackend, layers: LayerRange, max_tokens: int) -> None:
         super().__init__(layers, max_tokens)
         self.backend = backend
+        self.ort_session = backend.session_for(layers)
         cfg = backend.config
-        self.binding = backend.session.io_binding()
+        self.binding = self.ort_session.io_binding()
         # logits is bound first so that it stays output 0 of the binding when re-bound per call
         self._decode_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, cfg.vocab_size), np.float32, "cpu", 0)
-        self.binding.bind_ortvalue_output("logits", self._decode_logits)
-        self._cache = []
-        for i in range(cfg.n_layers):
+        if layers.returns_logits:
+            self.binding.bind_ortvalue_output("logits", self._decode_logits)
+        else:
+            self.binding.bind_output("hidden_out", "cpu")
+        self._cache: dict[tuple[int, str], Any] = {}
+        for i in range(layers.start, layers.stop):
             shape = (1, cfg.n_kv_heads_at(i), max_tokens, cfg.head_dim)  # per layer: pruning may differ
             for kind in ("key", "value"):
                 buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
-                self._cache.append(buf)
+                self._cache[i, kind] = buf
                 self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
                 self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
 
     def _forward(self, inputs: np.ndarray, all_logits: bool) -> np.ndarray:
-        ids = np.asarray(inputs, dtype=np.int64).reshape(1, -1)
-        n = ids.shape[1]
-        total = self.position + n
         b = self.binding
-        b.bind_cpu_input("input_ids", ids)
+        if self.layers.takes_tokens:
+            x = np.asarray(inputs, dtype=np.int64).reshape(1, -1)
+            b.bind_cpu_input("input_ids", x)
+        else:
+            x = np.ascontiguousarray(inputs, dtype=np.float32)
+            hidden = self.backend.config.hidden_size
+            if x.ndim != 2 or x.shape[1] != hidden:
+                raise ConfigError(f"hidden states must be (T, {hidden}) float32, found shape {x.shape}")
+            x = x.reshape(1, *x.shape)
+            b.bind_cpu_input("hidden_states", x)
+        n = x.shape[1]
+        total = self.position + n
         b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        if not self.layers.returns_logits:
+            b.bind_output("hidden_out", "cpu")  # re-bound: its sequence length changes between calls
+            self.ort_session.run_with_iobinding(b)
+            return b.get_outputs()[0].numpy().reshape(n, -1).copy()
         keep = n if all_logits else 1
         b.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
         if keep == 1:
             b.bind_ortvalue_output("logits", self._decode_logits)
         else:
             b.bind_output("logits", "cpu")
-        self.backend.session.run_with_iobinding(b)
+        self.ort_session.run_with_iobinding(b)
         if keep == 1:
             return self._decode_logits.numpy().reshape(1, -1).copy()
         return b.get_outputs()[0].numpy().reshape(keep, -1)
@@ -65,10 +81,32 @@ class OrtSession(Session):
     def _truncate(self, n_tokens: int) -> None:
         pass  # GroupQueryAttention reads only the first seqlens_k + 1 cached positions
 
+    def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """One layer's keys and values for the cached positions, each (position, n_kv_heads, head_dim)."""
+        self._check_layer(layer)
+        k, v = (self._cache[layer, kind].numpy()[0, :, : self.position].transpose(1, 0, 2).copy()
+                for kind in ("key", "value"))
+        return k, v
+
+    def write_kv(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Fill one layer's cache for positions [0, len(keys)): a layer that moved here from elsewhere."""
+        self._check_layer(layer)
+        for kind, data in (("key", keys), ("value", values)):
+            view = self._cache[layer, kind].numpy()  # shares the OrtValue's memory
+            want = (view.shape[1], view.shape[3])
+            if data.ndim != 3 or tuple(data.shape[1:]) != want or data.shape[0] > view.shape[2]:
+                raise ConfigError(f"layer {layer} {kind}s must be (<= {view.shape[2]}, {want[0]}, {want[1]}), "
+                                  f"found {tuple(data.shape)}")
+            view[0, :, : data.shape[0]] = np.asarray(data, dtype=np.float32).transpose(1, 0, 2)
+
+    def _check_layer(self, layer: int) -> None:
+        if not self.layers.start <= layer < self.layers.stop:
+            raise ConfigError(f"layer {layer} is not in this session's range [{self.layers.start}, {self.layers.stop})")
+
 
 class OrtBackend(Backend):
     name = "onnxruntime"
-    supports_layer_ranges = False  # a layer-range graph cut arrives with the offloader
+    supports_layer_ranges = True  # a range runs a graph cut from the exported one (see onnx_range)
 
     def __init__(self, config: ModelConfig, directory: Path, threads: int | None = None,
                  optimization: str = "all", verify: bool = True, profile_dir: str | None = None) -> None:
@@ -81,10 +119,30 @@ class OrtBackend(Backend):
         self.directory = directory
         self.manifest = manifest
         self.threads = threads or (os.cpu_count() or 1)
+        self._options = (optimization, profile_dir)
         self.session = self._create(directory / manifest["graph"]["model"], optimization, profile_dir)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._range_sessions: dict[tuple[int, int], Any] = {}
 
-    def _create(self, path: Path, optimization: str, profile_dir: str | None) -> Any:
+    def session_for(self, layers: LayerRange) -> Any:
+        """The ONNX Runtime session for a layer range: the exported graph, or a cut of it (kept, at most 4)."""
+        if (layers.start, layers.stop) == (0, self.config.n_layers):
+            return self.session
+        key = (layers.start, layers.stop)
+        if key not in self._range_sessions:
+            import onnx
+
+            from edgellm.runtime.onnx_range import cut_layers
+
+            path = self.directory / self.manifest["graph"]["model"]
+            whole = onnx.load(str(path), load_external_data=False)
+            cut = cut_layers(whole, layers.start, layers.stop, self.config.n_layers, self.config.hidden_size)
+            if len(self._range_sessions) >= 4:
+                self._range_sessions.pop(next(iter(self._range_sessions)))
+            self._range_sessions[key] = self._create(cut.SerializeToString(), *self._options)
+        return self._range_sessions[key]
+
+    def _create(self, path: Path | bytes, optimization: str, profile_dir: str | None) -> Any:
         levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -100,10 +158,15 @@ class OrtBackend(Backend):
         if profile_dir:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
+        source: str | bytes = str(path)
+        if isinstance(path, bytes):  # a cut graph: its initializers stay in the artifact's data file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.directory))
+            source = path
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise ModelFormatError(f"{path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
+            where = self.directory if isinstance(path, bytes) else path
+            raise ModelFormatError(f"{where}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
 
     @classmethod
     def from_model(cls, description: ModelDescription, threads: int | None = None, **options: Any) -> OrtBackend:

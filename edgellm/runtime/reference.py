@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.errors import missing_extra
+from edgellm.errors import ConfigError, missing_extra
 from edgellm.model.description import ModelDescription
 from edgellm.runtime.backend import Backend, LayerRange, Session
 
@@ -40,6 +40,32 @@ class ReferenceSession(Session):
 
     def _truncate(self, n_tokens: int) -> None:
         self.cache.length = n_tokens
+
+    def _set_position(self, position: int) -> None:
+        self.position = position
+        self.cache.length = position
+
+    def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        j = self._slot(layer)
+        n = self.cache.length
+        return (self.cache.keys[j, :n].to(torch.float32).numpy().copy(),
+                self.cache.values[j, :n].to(torch.float32).numpy().copy())
+
+    def write_kv(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        j = self._slot(layer)
+        want = tuple(self.cache.keys.shape[2:])
+        for kind, data in (("keys", keys), ("values", values)):
+            if data.ndim != 3 or tuple(data.shape[1:]) != want or data.shape[0] > self.cache.capacity:
+                raise ConfigError(f"layer {layer} {kind} must be (<= {self.cache.capacity}, {want[0]}, {want[1]}), "
+                                  f"found {tuple(data.shape)}")
+        n = keys.shape[0]
+        self.cache.keys[j, :n] = torch.as_tensor(np.asarray(keys)).to(self.cache.keys.dtype)
+        self.cache.values[j, :n] = torch.as_tensor(np.asarray(values)).to(self.cache.values.dtype)
+
+    def _slot(self, layer: int) -> int:
+        if not self.layers.start <= layer < self.layers.stop:
+            raise ConfigError(f"layer {layer} is not in this session's range [{self.layers.start}, {self.layers.stop})")
+        return layer - self.layers.start
 
 
 class ReferenceBackend(Backend):
