@@ -182,5 +182,5 @@ def test_gptq_pass_writes_blocks_that_export_and_reload_keep(tmp_path):
 def test_gptq_parameters_are_validated():
     with pytest.raises(ConfigError, match=r"skip_first must be in \[0, window\)"):
         parse_recipe({"name": "g", "passes": [{"pass": "gptq", "window": 128, "tokens": 256, "skip_first": 128}]}, "x")
-    with pytest.raises(ConfigError, match="bits 3 unsupported; valid: 2, 4, 8"):
-        parse_recipe({"name": "g", "passes": [{"pass": "gptq", "bits": 3}]}, "x")
+    with pytest.raises(ConfigError, match="bits 5 unsupported; valid: 2, 3, 4, 8"):
+        parse_recipe({"name": "g", "passes": [{"pass": "gptq", "bits": 5}]}, "x")

@@ -142,7 +142,7 @@ def test_dead_inputs_are_pinned_and_still_quantize(layer) -> None:
     ({"activations": np.ones((64, 128), np.float32)}, "shape mismatch"),
     ({"weights": np.ones((4, 8, 8), np.float32)}, r"weights \(N, K\)"),
     ({"block_size": 24}, "block size 24 must divide K=64"),
-    ({"bits": 3}, "bits=3 is unsupported; valid: 2, 4, 8"),
+    ({"bits": 5}, "bits=5 is unsupported; valid: 2, 3, 4, 8"),
     ({"activations": np.ones((4, 64), np.float32)}, "too few calibration rows: 4"),
     ({"damp": -0.1}, "damp must be"),
     ({"weights": np.full((8, 64), np.nan, np.float32)}, "NaN or inf"),

@@ -29,7 +29,7 @@ from edgellm.export.block_formats import BlockQuantized, pack
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)  # 3-bit blocks run on the reference backend only (no ONNX Runtime kernel)
 # Fewer rows than this give a Hessian that is mostly dampening: the "correction" then fits noise.
 MIN_CALIBRATION_ROWS = 8
 # Columns updated together before the deferred (lazy-batch) update of the rest; the paper's B = 128.

@@ -146,8 +146,8 @@ class GptqParams:
     def __post_init__(self) -> None:
         if not 0 <= self.skip_first < self.window:
             raise ValueError(f"skip_first must be in [0, window), found {self.skip_first}")
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"bits {self.bits} unsupported; valid: 2, 4, 8")
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits {self.bits} unsupported; valid: 2, 3, 4, 8")
         if self.tokens < self.window or self.window < 2:
             raise ValueError(f"need tokens >= window >= 2, found tokens={self.tokens} window={self.window}")
 
