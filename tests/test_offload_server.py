@@ -471,6 +471,22 @@ def test_stalled_server_times_out_as_unavailable():
             assert time.monotonic() - t0 < 2
 
 
+@pytest.mark.parametrize("status, body, error, match", [
+    (502, b"<html>bad gateway</html>", CloudUnavailableError, r"502 \?: <html>bad gateway</html>"),
+    (429, b'{"error": "too_many_sessions", "detail": "full"}', CloudUnavailableError, "429 too_many_sessions"),
+    (404, b'{"error": "not_found", "detail": "no route"}', CloudRejectedError, "404 not_found"),  # not a session
+    (200, b"<html>a captive portal</html>", CloudRejectedError, "not a JSON object"),
+])
+def test_client_maps_what_a_foreign_or_broken_server_answers(status, body, error, match):
+    """What sits between device and server (a proxy, a portal) must map onto the three errors too."""
+    c = CloudClient("http://offload.invalid", TOKEN)
+    c._http = httpx.Client(base_url=c.url, transport=httpx.MockTransport(lambda _: httpx.Response(status, content=body)))
+    with pytest.raises(error, match=match):
+        c.health()
+    with pytest.raises(ConfigError, match="must start with http:// or https://"):
+        CloudClient("localhost:8080", TOKEN)
+
+
 def test_serve_cloud_command_serves_and_a_sigkill_is_unavailable(tiny, tmp_path):
     """The CLI entry point in its own process (as deployed), then killed -9 mid-session."""
     code = ("import sys; from edgellm.cli.main import OneLineErrorParser; from edgellm.cli import serve_command; "

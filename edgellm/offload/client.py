@@ -77,6 +77,8 @@ class CloudClient:
             raise ConfigError(f"hidden-state dtype {dtype!r} unsupported; valid: {', '.join(wire.FLOAT_DTYPES)}")
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, found {timeout_s}")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"offload URL {url!r} must start with http:// or https://")
         self.url, self.dtype, self.timeout_s = url.rstrip("/"), dtype, timeout_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
@@ -144,14 +146,26 @@ class CloudClient:
             return StalePositionError(message, body["position"])
         return CloudRejectedError(message)
 
+    def json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """A request whose answer must be a JSON object (anything else: not an edgellm server)."""
+        response = self.request(method, path, **kwargs)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise CloudRejectedError(f"{method} {self.url}{path}: answer is not a JSON object: "
+                                     f"{_one_line(response.text)[:100]!r}")
+        return data
+
     # -- endpoints ----------------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return self.request("GET", "/v1/health").json()
+        return self.json("GET", "/v1/health")
 
     def capabilities(self, refresh: bool = False) -> dict[str, Any]:
         """Model identity, shapes, limits and the server's measured per-layer profile (cached)."""
         if self._capabilities is None or refresh:
-            self._capabilities = self.request("GET", "/v1/capabilities").json()
+            self._capabilities = self.json("GET", "/v1/capabilities")
         return self._capabilities
 
     def open_session(self, start: int, max_tokens: int, *, model_sha256: str | None = None) -> RemoteSession:
@@ -159,7 +173,7 @@ class CloudClient:
         holding a different model refuses (409); None trusts the server's own checksum."""
         caps = self.capabilities()
         body = {"model_sha256": model_sha256 or caps["model_sha256"], "start": start, "max_tokens": max_tokens}
-        info = self.request("POST", "/v1/sessions", json_body=body).json()
+        info = self.json("POST", "/v1/sessions", json_body=body)
         return RemoteSession(self, info, caps)
 
 
@@ -236,7 +250,7 @@ class RemoteSession(Session):
         body: dict[str, Any] = {"start": new_start, "position": position}
         if token_ids is not None:
             body["token_ids"] = [int(t) for t in token_ids]
-        info = self.client.request("PATCH", self._path, json_body=body, session=True).json()
+        info = self.client.json("PATCH", self._path, json_body=body, session=True)
         n = self.layers.n_layers
         self.layers = LayerRange(int(info["start"]), n, n)
         self.position = int(info["position"])

@@ -239,12 +239,24 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
     """A FastAPI app serving layers [start, n_layers) + head of `backend` for remote sessions."""
     if not backend.supports_layer_ranges:
         raise ConfigError(f"backend {backend.name!r} cannot run a range of layers; the server needs one that can")
-    cfg = backend.config
     dtype = getattr(getattr(backend, "model", None), "dtype", None)
     store = SessionStore(settings.max_sessions, settings.max_session_bytes, settings.max_total_bytes,
                          settings.idle_expiry_s)
     service = OffloadService(backend, model_sha256, store, kv_itemsize=getattr(dtype, "itemsize", 4))
-    profile: ServerProfile | None = measure_server_profile(backend) if settings.profile else None
+    profile = measure_server_profile(backend) if settings.profile else None
+
+    app = FastAPI(title="edgellm cloud offload", version=__version__, lifespan=_sweeping(store, settings),
+                  description="Protocol v1: see edgellm/offload/PROTOCOL.md")
+    app.state.settings, app.state.service, app.state.draining = settings, service, False
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(_service_router(service, settings, model_id, profile))
+    app.include_router(_session_router(service))
+    return app
+
+
+def _sweeping(store: SessionStore, settings: ServerSettings) -> Callable[[FastAPI], Any]:
+    """Lifespan: a background task expiring idle sessions (requests also sweep, lazily)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -262,16 +274,50 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app = FastAPI(title="edgellm cloud offload", version=__version__, lifespan=lifespan,
-                  description="Protocol v1: see edgellm/offload/PROTOCOL.md")
-    app.state.settings, app.state.service, app.state.draining = settings, service, False
-    _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    return lifespan
 
-    public = APIRouter(prefix="/v1")
-    private = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+def _service_router(service: OffloadService, settings: ServerSettings, model_id: str,
+                    profile: ServerProfile | None) -> APIRouter:
+    """Health (no auth), capabilities and the drain switch."""
+    router = APIRouter(prefix="/v1")
+    cfg, auth = service.config, [Depends(require_token)]
+
+    @router.get("/health", operation_id="health", response_model=Health, responses=_errors(503))
+    def health(request: Request) -> dict:
+        refuse_when_draining(request)
+        return {"status": "ok", "version": __version__}
+
+    @router.get("/capabilities", operation_id="capabilities", response_model=Capabilities, dependencies=auth,
+                responses=_errors(401))
+    def capabilities() -> dict:
+        shapes = ("n_layers", "hidden_size", "vocab_size", "n_kv_heads", "head_dim", "context_length")
+        limits = ("max_sessions", "max_session_bytes", "max_total_bytes", "max_request_bytes", "idle_expiry_s")
+        return {
+            "model_id": model_id, "model_sha256": service.model_sha256,
+            **{key: int(getattr(cfg, key)) for key in shapes}, "dtypes": list(wire.FLOAT_DTYPES),
+            "limits": {**{key: getattr(settings, key) for key in limits},
+                       "kv_bytes_per_token_per_layer": service.kv_bytes(1, 1)},
+            "profile": profile.as_dict() if profile else None,
+        }
+
+    @router.post("/admin/drain", operation_id="drain", response_model=DrainState, dependencies=auth,
+                 responses=_errors(401))
+    def drain(request: Request) -> dict:
+        request.app.state.draining = True
+        log.warning("draining: new work is refused with 503")
+        return {"draining": True}
+
+    return router
+
+
+def _session_router(service: OffloadService) -> APIRouter:
+    """Sessions: create, forward, move the split, KV up/down, delete. Bounds come from the served model."""
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    cfg = service.config
     n_layers, context, vocab = int(cfg.n_layers), int(cfg.context_length), int(cfg.vocab_size)  # GGUF: numpy ints
     CreateSession, MoveSplit = request_models(n_layers, context, vocab)
+    open_only = [Depends(refuse_when_draining)]
 
     def session_id_path():  # a fresh FieldInfo per parameter: FastAPI must not share one between two
         return Path(max_length=64, description="id from POST /v1/sessions")
@@ -279,87 +325,54 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
     def layer_query():
         return Query(ge=0, le=n_layers, description="layer index (start inclusive, stop exclusive)")
 
-    position_query = Query(ge=0, le=context, description="tokens the session holds (stale: 409)")
-
-    @public.get("/health", operation_id="health", response_model=Health, responses=_errors(503))
-    def health(request: Request) -> dict:
-        refuse_when_draining(request)
-        return {"status": "ok", "version": __version__}
-
-    @private.get("/capabilities", operation_id="capabilities", response_model=Capabilities, responses=_errors(401))
-    def capabilities() -> dict:
-        return {
-            "model_id": model_id, "model_sha256": service.model_sha256, "n_layers": cfg.n_layers,
-            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "n_kv_heads": cfg.n_kv_heads,
-            "head_dim": cfg.head_dim, "context_length": cfg.context_length, "dtypes": list(wire.FLOAT_DTYPES),
-            "limits": {"max_sessions": settings.max_sessions, "max_session_bytes": settings.max_session_bytes,
-                       "max_total_bytes": settings.max_total_bytes, "max_request_bytes": settings.max_request_bytes,
-                       "idle_expiry_s": settings.idle_expiry_s,
-                       "kv_bytes_per_token_per_layer": service.kv_bytes(1, 1)},
-            "profile": profile.as_dict() if profile else None,
-        }
-
-    @private.post("/sessions", operation_id="create_session", status_code=201, response_model=SessionInfo,
-                  responses={201: {"description": "session opened", "links": SESSION_LINKS},
-                             **_errors(400, 401, 409, 429, 503, 507)},
-                  dependencies=[Depends(refuse_when_draining)])
+    @router.post("/sessions", operation_id="create_session", status_code=201, response_model=SessionInfo,
+                 responses={201: {"description": "session opened", "links": SESSION_LINKS},
+                            **_errors(400, 401, 409, 429, 503, 507)}, dependencies=open_only)
     async def create_session(req: CreateSession) -> dict:
         return await _in_thread(service.create, req.model_sha256, req.start, req.max_tokens)
 
-    @private.post("/sessions/{session_id}/forward", operation_id="forward", response_class=Response,
-                  openapi_extra=TENSOR_REQUEST,
-                  responses={**_tensor_ok("float32 logits (1 or T, vocab) or int32 (1,) token"),
-                             **_errors(400, 401, 404, 409, 410, 415, 503)},
-                  dependencies=[Depends(refuse_when_draining)])
-    async def forward(request: Request, session_id: str = session_id_path(), position: int = position_query,
+    @router.post("/sessions/{session_id}/forward", operation_id="forward", response_class=Response,
+                 openapi_extra=TENSOR_REQUEST, dependencies=open_only,
+                 responses={**_tensor_ok("float32 logits (1 or T, vocab) or int32 (1,) token"),
+                            **_errors(400, 401, 404, 409, 410, 415, 503)})
+    async def forward(request: Request, session_id: str = session_id_path(),
+                      position: int = Query(ge=0, le=context, description="tokens the session holds (stale: 409)"),
                       output: Literal["logits", "hidden", "token"] = "logits",
                       all_logits: bool = Query(False, alias="all", description="logits of every new position"),
                       ) -> Response:
         _require_tensor_body(request)
-        body = await request.body()
-        result = await _in_thread(service.forward, session_id, position, body, output, all_logits)
+        result = await _in_thread(service.forward, session_id, position, await request.body(), output, all_logits)
         return Response(result.payload, media_type=wire.CONTENT_TYPE,
                         headers={SERVER_MS_HEADER: f"{result.compute_ms:.3f}"})
 
-    @private.patch("/sessions/{session_id}", operation_id="move_split", response_model=SessionInfo,
-                   responses=_errors(400, 401, 404, 409, 410, 503, 507),
-                   dependencies=[Depends(refuse_when_draining)])
+    @router.patch("/sessions/{session_id}", operation_id="move_split", response_model=SessionInfo,
+                  responses=_errors(400, 401, 404, 409, 410, 503, 507), dependencies=open_only)
     async def move_split(req: MoveSplit, session_id: str = session_id_path()) -> dict:
         return await _in_thread(service.move, session_id, req.start, req.position, req.token_ids)
 
-    @private.put("/sessions/{session_id}/kv", operation_id="upload_kv", status_code=204, response_class=Response,
-                 openapi_extra=TENSOR_REQUEST,
-                 responses={204: {"description": "KV staged for the next PATCH"},
-                            **_errors(400, 401, 404, 410, 415, 503, 507)},
-                 dependencies=[Depends(refuse_when_draining)])
+    @router.put("/sessions/{session_id}/kv", operation_id="upload_kv", status_code=204, response_class=Response,
+                openapi_extra=TENSOR_REQUEST, dependencies=open_only,
+                responses={204: {"description": "KV staged for the next PATCH"},
+                           **_errors(400, 401, 404, 410, 415, 503, 507)})
     async def upload_kv(request: Request, session_id: str = session_id_path(), start: int = layer_query(),
                         stop: int = layer_query()) -> Response:
         _require_tensor_body(request)
-        body = await request.body()
-        await _in_thread(service.put_kv, session_id, start, stop, body)
+        await _in_thread(service.put_kv, session_id, start, stop, await request.body())
         return Response(status_code=204)
 
-    @private.get("/sessions/{session_id}/kv", operation_id="download_kv", response_class=Response,
-                 responses={**_tensor_ok("ELTS: K then V per layer, float32 (position, n_kv_heads, head_dim)"),
-                            **_errors(400, 401, 404, 409, 410)})
+    @router.get("/sessions/{session_id}/kv", operation_id="download_kv", response_class=Response,
+                responses={**_tensor_ok("ELTS: K then V per layer, float32 (position, n_kv_heads, head_dim)"),
+                           **_errors(400, 401, 404, 409, 410)})
     async def download_kv(session_id: str = session_id_path(), start: int = layer_query(),
                           stop: int = layer_query()) -> Response:
         payload = await _in_thread(service.get_kv, session_id, start, stop)
         return Response(payload, media_type=wire.CONTENT_TYPE)
 
-    @private.delete("/sessions/{session_id}", operation_id="delete_session", status_code=204,
-                    response_class=Response,
-                    responses={204: {"description": "session closed"}, **_errors(401, 404, 410)})
+    @router.delete("/sessions/{session_id}", operation_id="delete_session", status_code=204,
+                   response_class=Response, responses={204: {"description": "session closed"},
+                                                       **_errors(401, 404, 410)})
     async def delete_session(session_id: str = session_id_path()) -> Response:
         await _in_thread(service.delete, session_id)
         return Response(status_code=204)
 
-    @private.post("/admin/drain", operation_id="drain", response_model=DrainState, responses=_errors(401))
-    def drain(request: Request) -> dict:
-        request.app.state.draining = True
-        log.warning("draining: new work is refused with 503")
-        return {"draining": True}
-
-    app.include_router(public)
-    app.include_router(private)
-    return app
+    return router
