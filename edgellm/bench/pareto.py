@@ -126,6 +126,7 @@ class Context:
     linear_weights: int  # of the source model
     nonlinear_bytes: int  # source GGUF bytes that are not linear layers (embedding, norms, metadata)
     progress: bool = True
+    row_key: str = ""  # cache key of the row being computed
 
 
 def _cache_root() -> Path:
@@ -202,6 +203,11 @@ def evaluate_edgellm(description, plan: CompressionPlan, ctx: Context) -> dict:
     return row
 
 
+def _export_dir(ctx: Context) -> Path:
+    """Where this row's ONNX export is kept (the final speed pass times every export side by side)."""
+    return _cache_root() / "pareto" / "exports" / ctx.row_key
+
+
 def _format_counts(description, plan: CompressionPlan) -> dict[str, int]:
     from edgellm.compress.rtn import linear_names
 
@@ -223,12 +229,12 @@ def _onnx_measurements(description, plan: CompressionPlan, ctx: Context) -> dict
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
-    with tempfile.TemporaryDirectory(prefix="edgellm-pareto-") as tmp:
-        art = export_onnx(description, Path(tmp) / "onnx", plan)
-        out = {"engine": "onnxruntime", "export_mb": sum(p.stat().st_size for p in art.iterdir()) / 1e6}
-        out["ppl_engine"] = _ppl(create_backend("onnxruntime", load_model(art), threads=ctx.threads), ctx)
-        out["ort_ms_per_token"] = decode_ms_per_token(art, threads=ctx.threads)
-        manifest = json.loads((art / "manifest.json").read_text())
+    art = export_onnx(description, _export_dir(ctx), plan, overwrite=True)
+    out = {"engine": "onnxruntime", "export_mb": sum(p.stat().st_size for p in art.iterdir()) / 1e6,
+           "export_dir": str(art)}
+    out["ppl_engine"] = _ppl(create_backend("onnxruntime", load_model(art), threads=ctx.threads), ctx)
+    out["ort_ms_per_token_at_eval"] = decode_ms_per_token(art, threads=ctx.threads)
+    manifest = json.loads((art / "manifest.json").read_text())
     try:
         table = load_target("cpu-ort").load_cost_table()
         formats, shapes = export_linears(description.config, manifest["layers"])
@@ -356,15 +362,37 @@ RUNNERS: dict[str, Callable[[Entry, Context], dict]] = {
 
 def run_entry(entry: Entry, ctx: Context, refresh: bool = False) -> dict:
     """One row, from the cache when its inputs are unchanged."""
-    path = _cache_root() / "pareto" / f"{cache_key(entry, ctx)}.json"
+    ctx.row_key = cache_key(entry, ctx)
+    path = _cache_root() / "pareto" / f"{ctx.row_key}.json"
     if path.is_file() and not refresh:
-        return json.loads(path.read_text())
+        row = json.loads(path.read_text())
+        if "export_dir" not in row or Path(row["export_dir"], "manifest.json").is_file():
+            return row
     started = time.perf_counter()
     row = {"name": entry.name, "group": entry.group, "kind": entry.kind, "spec": list(entry.spec),
            **RUNNERS[entry.kind](entry, ctx)}
     row["eval_seconds"] = time.perf_counter() - started
     _write_atomic(path, json.dumps(row, indent=1, default=str))
     return row
+
+
+def speed_pass(rows: list[dict], threads: int, rounds: int = 3) -> None:
+    """Decode ms/token of every exported row, interleaved round by round (so load drifts on a shared machine
+    hit all rows alike), median per row, and each row's ratio to the lossless transcode."""
+    import statistics
+
+    from edgellm.bench.decode_probe import decode_ms_per_token
+
+    timed = [r for r in rows if r.get("export_dir") and Path(r["export_dir"], "manifest.json").is_file()]
+    samples: dict[str, list[float]] = {r["name"]: [] for r in timed}
+    for _ in range(rounds):
+        for r in timed:
+            samples[r["name"]].append(decode_ms_per_token(Path(r["export_dir"]), threads=threads, rounds=1))
+    base = next((statistics.median(samples[r["name"]]) for r in timed if r["group"] == "lossless"), None)
+    for r in timed:
+        r["ort_ms_per_token"] = statistics.median(samples[r["name"]])
+        r["ort_ms_samples"] = samples[r["name"]]
+        r["ort_ms_vs_lossless"] = r["ort_ms_per_token"] / base if base else None
 
 
 # ---- targets, outputs ------------------------------------------------------------------------------------
@@ -394,6 +422,28 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def frontier_vs_llamacpp(rows: list[dict]) -> list[dict]:
+    """The converse view: for each llama.cpp type, the best allocator plan (and the best edgellm row of any
+    method) whose file is no larger, and whether it has the lower perplexity (reference, both sides)."""
+    ok = [r for r in rows if "error" not in r]
+    out = []
+    for size_key in ("model_mb", "model_mb_fp16"):
+        for q in (r for r in ok if r["group"] == "llama.cpp"):
+            entry = {"size": size_key, "type": q["name"].split()[-1], "type_mb": q[size_key], "type_ppl": q["ppl_ref"]}
+            for label, pool in (("allocator", [r for r in ok if r["group"] == "allocator (size)"]),
+                                ("edgellm", [r for r in ok if r["group"] != "llama.cpp"])):
+                fits = [r for r in pool if r[size_key] <= q[size_key]]
+                best = min(fits, key=lambda r: r["ppl_ref"]) if fits else None
+                entry[label] = None if best is None else {"name": best["name"], "mb": best[size_key],
+                                                          "ppl": best["ppl_ref"], "lower": best["ppl_ref"] < q["ppl_ref"]}
+            out.append(entry)
+    return out
+
+
+def _ms(r: dict):
+    return r.get("ort_ms_per_token", r.get("ort_ms_per_token_at_eval"))
+
+
 def rl_vs_milp(rows: list[dict]) -> list[dict]:
     """RL-search rows beside the MILP rows at the same budget: predicted loss, search time, perplexity."""
     milp = {r["spec"][2]: r for r in rows if r["group"] == "allocator (size)" and "error" not in r}
@@ -420,15 +470,15 @@ def markdown(result: dict) -> str:
              f"(first {result['ppl_tokens']} tokens, windows of {result['window']}), {result['threads']} threads, "
              f"{result['machine']['cpu']} ({result['machine']['cpus']} cores, shared), commit {result['commit']}."), "",
              ("| row | group | model MB | fp16 MB | bits/weight | ppl ref | ppl engine | engine | ORT ms/token "
-             "| predicted ms/token | export MB |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs lossless | predicted ms/token | export MB |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['group']} | - | - | - | - | - | - | - | - | - |  <!-- {r['error']} -->")
+            lines.append(f"| {r['name']} | {r['group']} | - | - | - | - | - | - | - | - | - | - |")
             continue
         lines.append(f"| {r['name']} | {r['group']} | {r['model_mb']:.1f} | {r['model_mb_fp16']:.1f} | "
                      f"{r['bits_per_weight']:.2f} | {r['ppl_ref']:.3f} | {r['ppl_engine']:.3f} | {r['engine']} | "
-                     f"{_fmt(r.get('ort_ms_per_token'))} | {_fmt(r.get('predicted_ms_per_token'))} | "
+                     f"{_fmt(_ms(r))} | {_fmt(r.get('ort_ms_vs_lossless'))} | {_fmt(r.get('predicted_ms_per_token'))} | "
                      f"{_fmt(r.get('export_mb'), '.1f')} |")
     errors = [r for r in rows if "error" in r]
     if errors:
@@ -448,6 +498,16 @@ def markdown(result: dict) -> str:
         lines.append(f"| {c['size']} | {c['ppl']} | {c['plan']}{' vs Q3_K_M' if c.get('kind') else ''} | "
                      f"{c['plan_mb']:.1f} | {c['plan_ppl']:.3f} | {', '.join(c['compared']) or '(none)'} | "
                      f"{', '.join(c['beaten_by']) or '-'} | {'yes' if c['holds'] else 'no'} |")
+    lines += ["", "Converse view: for each llama.cpp type, the best plan whose file is no larger (ppl ref on both sides):",
+              "", ("| size accounting | llama.cpp type | MB | ppl ref | best allocator plan <= its size | ppl ref | lower? "
+              "| best edgellm row <= its size | ppl ref | lower? |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result.get("frontier_vs_llamacpp", []):
+        cells = []
+        for label in ("allocator", "edgellm"):
+            b = c[label]
+            cells += ["(none)", "-", "-"] if b is None else [f"{b['name']} ({b['mb']:.1f} MB)", f"{b['ppl']:.3f}",
+                                                              "yes" if b["lower"] else "no"]
+        lines.append(f"| {c['size']} | {c['type']} | {c['type_mb']:.1f} | {c['type_ppl']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -466,16 +526,17 @@ def plot(rows: list[dict], path: Path) -> None:
     markers = dict(zip(GROUPS, "*osDPv^Xh", strict=False))
     for ax, key, label, ppl_key in (
             (axes[0], "model_mb", "model MB (GGUF-style file, embedding Q8_0 counted once)", "ppl_ref"),
-            (axes[1], "ort_ms_per_token", "measured decode ms/token (ONNX Runtime)", "ppl_engine")):
+            (axes[1], "ort_ms", "measured decode ms/token (ONNX Runtime)", "ppl_engine")):
         for group in GROUPS:
-            pts = [r for r in shown if r["group"] == group and r.get(key) is not None]
+            pts = [(r, _ms(r) if key == "ort_ms" else r[key]) for r in shown if r["group"] == group]
+            pts = [(r, x) for r, x in pts if x is not None]
             if not pts:
                 continue
-            ax.scatter([r[key] for r in pts], [r[ppl_key] for r in pts], s=50, marker=markers[group],
+            ax.scatter([x for _, x in pts], [r[ppl_key] for r, _ in pts], s=50, marker=markers[group],
                        color=colours[group], label=group)
-            for r in pts:
+            for r, x in pts:
                 short = r["name"].replace("llama.cpp ", "").replace(" bits/weight", " b/w").replace("uniform ", "")
-                ax.annotate(short, (r[key], r[ppl_key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(short, (x, r[ppl_key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel(f"perplexity, {EVAL_TEXT} ({'reference' if ppl_key == 'ppl_ref' else 'same engine'})")
         ax.set_yscale("log")
@@ -549,8 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default=None, help="compute only rows whose name contains this (others from cache)")
+    p.add_argument("--skip", default=None, help="comma-separated name parts of rows not to compute (cached ones stay)")
     p.add_argument("--refresh", action="store_true", help="recompute rows even when cached")
     p.add_argument("--replot", action="store_true", help="redraw the PNG from an existing OUT.json")
+    p.add_argument("--speed-rounds", type=int, default=3, help="interleaved decode timing rounds per export")
+    p.add_argument("--no-speed-pass", action="store_true", help="skip the final side-by-side decode timing")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(a.out)
@@ -568,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(todo, desc="pareto", unit="row")
     for entry in bar:
         bar.set_postfix_str(entry.name)
-        if a.only and a.only not in entry.name:
+        if (a.only and a.only not in entry.name) or any(x and x in entry.name for x in (a.skip or "").split(",")):
             path = _cache_root() / "pareto" / f"{cache_key(entry, ctx)}.json"
             if path.is_file():
                 rows.append(json.loads(path.read_text()))
@@ -580,11 +644,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("%s: %.1f MB, %.2f bits/weight, ppl ref %.3f, %s %.3f", entry.name, row["model_mb"],
                      row["bits_per_weight"], row["ppl_ref"], row["engine"], row["ppl_engine"])
+    if not a.no_speed_pass:
+        log.info("speed pass: decode ms/token of %d exports, %d interleaved rounds",
+                 sum(1 for r in rows if r.get("export_dir")), a.speed_rounds)
+        speed_pass(rows, a.threads, a.speed_rounds)
     result = {"source": str(ctx.source), "ppl_tokens": len(ctx.ids), "window": ctx.window, "threads": ctx.threads,
               "machine": _machine(), "commit": _commit(), "command": "python -m edgellm.bench.pareto " + " ".join(argv or sys.argv[1:]),
               "wall_seconds": time.time() - started, "rows": rows}
     result["rl_vs_milp"] = rl_vs_milp(rows)
     result["targets"] = check_targets(rows)
+    result["frontier_vs_llamacpp"] = frontier_vs_llamacpp(rows)
     _write_atomic(Path(f"{out}.json"), json.dumps(result, indent=1, default=str))
     text = markdown(result)
     _write_atomic(Path(f"{out}.md"), text)
