@@ -211,6 +211,19 @@ def test_move_split_down_with_uploaded_kv_continues_exactly(tiny, client):
         np.testing.assert_array_equal(remote.forward(mine.forward(nxt)), local.forward(nxt))
 
 
+def test_kv_upload_is_split_to_fit_the_request_limit(tiny):
+    """Per-layer K+V of 6 positions is 1.6 kB here; with a 2 kB request limit each layer travels alone."""
+    with serve(tiny, max_request_bytes=2048) as server, CloudClient(server.url, TOKEN) as c:
+        local = tiny.backend.open_session(max_tokens=16)
+        device = tiny.backend.open_session(LayerRange(0, 3, N_LAYERS), 16)
+        remote = c.open_session(3, 16)
+        ids = prompt(6, seed=8)
+        np.testing.assert_array_equal(remote.forward(device.forward(ids)), local.forward(ids))
+        remote.move_split(0, 6, kv=local_kv(device, (0, 1, 2)))
+        assert c.last_timing.bytes_sent < 2048 and remote.layers.start == 0
+        np.testing.assert_array_equal(remote.forward(np.array([3])), local.forward(np.array([3])))
+
+
 def test_move_split_with_server_recompute_and_back_up(tiny, client):
     """Layers join the server by recompute from token ids; then leave it again with their KV downloaded."""
     local = tiny.backend.open_session(max_tokens=32)

@@ -3,8 +3,8 @@ a Session whose layers [start, n_layers) + head run on the server.
 
 Failures map onto three errors the planner acts on: CloudUnavailableError (refused, timed out, 503 and any
 5xx, and 429/507 "full": go local), CloudSessionLostError (404/410: rebuild the KV elsewhere),
-CloudRejectedError (any other 4xx: a bug or a misconfiguration). Every request records a RequestTiming so a network estimator can learn RTT and
-bandwidth from real traffic (wall time minus the server's own compute time).
+CloudRejectedError (any other 4xx: a bug or a misconfiguration). Every request records a RequestTiming so a
+network estimator can learn RTT and bandwidth from real traffic (wall time minus the server's compute time).
 """
 
 from __future__ import annotations
@@ -244,12 +244,7 @@ class RemoteSession(Session):
         """Move the split to new_start at `position` tokens. Layers joining the server take `kv` (uploaded first,
         float32 (position, n_kv_heads, head_dim) per layer) or are recomputed there from `token_ids`."""
         if kv:
-            layers = sorted(kv)
-            if layers != list(range(layers[0], layers[-1] + 1)):
-                raise ConfigError(f"KV to upload must cover contiguous layers, found {layers}")
-            tensors = [np.asarray(a, dtype=np.float32) for i in layers for a in kv[i]]
-            self.client.request("PUT", f"{self._path}/kv", content=wire.encode_tensors(tensors, "float32"),
-                                params={"start": layers[0], "stop": layers[-1] + 1}, session=True)
+            self._upload_kv(kv)
         body: dict[str, Any] = {"start": new_start, "position": position}
         if token_ids is not None:
             body["token_ids"] = [int(t) for t in token_ids]
@@ -258,9 +253,31 @@ class RemoteSession(Session):
         self.layers = LayerRange(int(info["start"]), n, n)
         self.position = int(info["position"])
 
+    def _upload_kv(self, kv: Mapping[int, KV]) -> None:
+        """PUT the KV in as few requests as the server's request-size limit allows (the server stages them all)."""
+        layers = sorted(kv)
+        if layers != list(range(layers[0], layers[-1] + 1)):
+            raise ConfigError(f"KV to upload must cover contiguous layers, found {layers}")
+        limit = int(self.client.capabilities()["limits"]["max_request_bytes"])
+        arrays = {i: [np.asarray(a, dtype=np.float32) for a in kv[i]] for i in layers}
+        # ELTS header 8 bytes; per tensor: u32 length + 8-byte ELT1 header + 3 dims x u32 + data
+        cost = {i: sum(24 + a.nbytes for a in arrays[i]) for i in layers}
+        batches, size = [[]], 8
+        for i in layers:
+            if batches[-1] and size + cost[i] > limit:
+                batches.append([])
+                size = 8
+            batches[-1].append(i)
+            size += cost[i]
+        for batch in batches:  # a single layer over the limit still goes: the server's 413 says so
+            self.client.request("PUT", f"{self._path}/kv", session=True,
+                                params={"start": batch[0], "stop": batch[-1] + 1},
+                                content=wire.encode_tensors([a for i in batch for a in arrays[i]], "float32"))
+
     def download_kv(self, start: int, stop: int) -> dict[int, KV]:
-        """K and V of server layers [start, stop) for every cached position, float32 (position, n_kv_heads, head_dim)."""
-        response = self.client.request("GET", f"{self._path}/kv", params={"start": start, "stop": stop}, session=True)
+        """K and V of server layers [start, stop) for every cached position, float32 (position, heads, head_dim)."""
+        response = self.client.request("GET", f"{self._path}/kv", params={"start": start, "stop": stop},
+                                       session=True)
         try:
             tensors = wire.decode_tensors(response.content, count=2 * (stop - start), allowed=("float32",), ndim=3)
         except wire.PayloadError as exc:
