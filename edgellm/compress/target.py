@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgellm.compress.plan import FORMATS
+from edgellm.compress.plan import RTN_FORMATS
 from edgellm.compress.units import UNIT_ROLES, unit_shapes
 from edgellm.errors import ConfigError, UnknownNameError, unknown_name
 
@@ -33,7 +33,7 @@ else:  # pragma: no cover
 
 TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"
 LAYER_TYPES = ("linear", "lm_head")
-STORAGE_FORMATS = tuple(f for f in FORMATS if f != "auto")  # what a cost table can hold
+STORAGE_FORMATS = ("fp32", *RTN_FORMATS)  # what a cost table can hold: the formats ONNX Runtime runs by name
 COST_TABLE_FORMAT = "edgellm-cost-table"
 CostKey = tuple[int, int, str, int]  # (K, N, format, M)
 
