@@ -369,6 +369,29 @@ def test_bad_json_and_bad_ranges(live, client, tiny):
     assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD, PUT"
 
 
+def test_one_step_is_bounded_in_tokens_and_logits(tiny):
+    """Transient memory of a step (attention over T x position, T x vocab logits) has its own bounds."""
+    with serve(tiny, max_forward_tokens=8, max_response_bytes=4 * 267 * 4) as server, \
+            CloudClient(server.url, TOKEN) as c:
+        remote = c.open_session(0, 64)
+        with pytest.raises(CloudRejectedError, match="400 too_many_tokens: 9 positions in one step"):
+            remote.forward(prompt(9))
+        with pytest.raises(CloudRejectedError, match="400 response_too_large"):
+            remote.forward(prompt(5), all_logits=True)
+        assert remote.forward(prompt(4), all_logits=True).shape == (4, 267) and remote.position == 4
+        assert c.capabilities()["limits"]["max_forward_tokens"] == 8
+        ids = prompt(20, seed=2)  # recompute of 20 positions runs in chunks of 8 and still matches
+        local = tiny.backend.open_session(max_tokens=64)
+        for i in range(0, 20, 8):
+            local.forward(ids[i:i + 8])
+        other = c.open_session(3, 64)
+        device = tiny.backend.open_session(LayerRange(0, 3, N_LAYERS), 64)
+        for i in range(0, 20, 8):
+            other.forward(device.forward(ids[i:i + 8]))
+        other.move_split(0, 20, token_ids=ids.tolist())
+        np.testing.assert_array_equal(other.forward(np.array([7])), local.forward(np.array([7])))
+
+
 def test_kv_upload_is_validated(tiny, client):
     remote = client.open_session(3, 8)
     good = {1: (np.zeros((2, 2, 16), np.float32),) * 2, 2: (np.zeros((2, 2, 16), np.float32),) * 2}

@@ -28,6 +28,8 @@ class Limits(BaseModel):
     max_total_bytes: int
     max_request_bytes: int
     idle_expiry_s: float
+    max_forward_tokens: int
+    max_response_bytes: int
     kv_bytes_per_token_per_layer: int
 
 

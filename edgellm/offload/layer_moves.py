@@ -58,11 +58,14 @@ def write_kv(session: Session, layer: int, kv: KV, n_tokens: int) -> None:
         cache.values[slot, :n_tokens, :h] = values.to(cache.values.dtype)
 
 
-def recompute_kv(backend: Backend, layers: range, token_ids: list[int]) -> dict[int, KV]:
-    """KV of `layers` for the whole token history: one pass over [0, layers.stop) on a scratch session."""
+def recompute_kv(backend: Backend, layers: range, token_ids: list[int], chunk_tokens: int) -> dict[int, KV]:
+    """KV of `layers` for the whole token history: a pass over [0, layers.stop) on a scratch session, in chunks
+    of chunk_tokens (one chunk, the usual case, reproduces a device's single prefill bit for bit)."""
     n = backend.config.n_layers
     scratch = backend.open_session(LayerRange(0, layers.stop, n), max_tokens=len(token_ids))
-    scratch.forward(np.asarray(token_ids, dtype=np.int64))
+    ids = np.asarray(token_ids, dtype=np.int64)
+    for i in range(0, len(ids), chunk_tokens):
+        scratch.forward(ids[i:i + chunk_tokens])
     return {layer: read_kv(scratch, backend.config, layer) for layer in layers}
 
 

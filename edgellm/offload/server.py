@@ -59,6 +59,8 @@ class ServerSettings:
     max_total_bytes: int = 2048 * MiB
     idle_expiry_s: float = 300.0
     max_request_bytes: int = 16 * MiB
+    max_forward_tokens: int = 2048  # positions per forward step (bounds attention scratch memory)
+    max_response_bytes: int = 64 * MiB  # all-position logits of one step
     sweep_interval_s: float = 10.0
     retry_after_s: int = 5
     profile: bool = True  # measure per-layer timings at start-up (tests that do not need them turn it off)
@@ -67,7 +69,7 @@ class ServerSettings:
         if not self.token and not self.insecure:
             raise ConfigError("the server needs a bearer token (or insecure=True to run without one)")
         for name in ("max_sessions", "max_session_bytes", "max_total_bytes", "idle_expiry_s", "max_request_bytes",
-                     "sweep_interval_s", "retry_after_s"):
+                     "max_forward_tokens", "max_response_bytes", "sweep_interval_s", "retry_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"server setting {name} must be > 0, found {getattr(self, name)}")
 
@@ -242,7 +244,9 @@ def create_app(backend: Backend, model_id: str, model_sha256: str, settings: Ser
     dtype = getattr(getattr(backend, "model", None), "dtype", None)
     store = SessionStore(settings.max_sessions, settings.max_session_bytes, settings.max_total_bytes,
                          settings.idle_expiry_s)
-    service = OffloadService(backend, model_sha256, store, kv_itemsize=getattr(dtype, "itemsize", 4))
+    service = OffloadService(backend, model_sha256, store, kv_itemsize=getattr(dtype, "itemsize", 4),
+                             max_forward_tokens=settings.max_forward_tokens,
+                             max_response_bytes=settings.max_response_bytes)
     profile = measure_server_profile(backend) if settings.profile else None
 
     app = FastAPI(title="edgellm cloud offload", version=__version__, lifespan=_sweeping(store, settings),
@@ -292,7 +296,8 @@ def _service_router(service: OffloadService, settings: ServerSettings, model_id:
                 responses=_errors(401))
     def capabilities() -> dict:
         shapes = ("n_layers", "hidden_size", "vocab_size", "n_kv_heads", "head_dim", "context_length")
-        limits = ("max_sessions", "max_session_bytes", "max_total_bytes", "max_request_bytes", "idle_expiry_s")
+        limits = ("max_sessions", "max_session_bytes", "max_total_bytes", "max_request_bytes", "idle_expiry_s",
+                  "max_forward_tokens", "max_response_bytes")
         return {
             "model_id": model_id, "model_sha256": service.model_sha256,
             **{key: int(getattr(cfg, key)) for key in shapes}, "dtypes": list(wire.FLOAT_DTYPES),

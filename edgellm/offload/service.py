@@ -27,8 +27,13 @@ class ForwardResult:
 class OffloadService:
     """The backend, its model's identity, and the session store."""
 
-    def __init__(self, backend: Backend, model_sha256: str, store: SessionStore, kv_itemsize: int = 4) -> None:
+    def __init__(self, backend: Backend, model_sha256: str, store: SessionStore, kv_itemsize: int = 4,
+                 max_forward_tokens: int = 2048, max_response_bytes: int = 64 << 20) -> None:
         self.backend = backend
+        # Bounds on one step's transient memory, which the KV reservation does not cover: attention scores
+        # grow with T x position, and all-position logits with T x vocab.
+        self.max_forward_tokens = max_forward_tokens
+        self.max_response_bytes = max_response_bytes
         self.config = backend.config
         self.n_layers = backend.config.n_layers
         self.model_sha256 = model_sha256.lower()
@@ -96,6 +101,7 @@ class OffloadService:
                     raise ApiError(400, "bad_shape", f"hidden states have width {x.shape[1]}, the model's is "
                                    f"{self.config.hidden_size}")
                 x = x.astype(np.float32, copy=False)
+            self._check_step_size(len(x), all_logits)
             t0 = time.perf_counter()
             logits = s.forward(x, all_logits=all_logits)  # (1 or T, vocab)
             compute_ms = (time.perf_counter() - t0) * 1e3
@@ -105,6 +111,15 @@ class OffloadService:
             return ForwardResult(wire.encode_tensor(np.array([int(np.argmax(logits[-1]))], dtype=np.int32)),
                                  compute_ms)
         return ForwardResult(wire.encode_tensor(np.asarray(logits, dtype=np.float32)), compute_ms)
+
+    def _check_step_size(self, n_tokens: int, all_logits: bool) -> None:
+        if n_tokens > self.max_forward_tokens:
+            raise ApiError(400, "too_many_tokens", f"{n_tokens} positions in one step; this server takes at most "
+                           f"{self.max_forward_tokens} (send the prefill in chunks)")
+        if all_logits and n_tokens * self.config.vocab_size * 4 > self.max_response_bytes:
+            raise ApiError(400, "response_too_large", f"all=true for {n_tokens} positions is "
+                           f"{n_tokens * self.config.vocab_size * 4} bytes of logits, over the server's "
+                           f"{self.max_response_bytes}; ask for fewer positions or only the last one")
 
     def move(self, session_id: str, start: int, position: int, token_ids: list[int] | None) -> dict:
         entry = self._locked(session_id)
@@ -162,7 +177,8 @@ class OffloadService:
         scratch = self.kv_bytes(missing[-1] + 1, position)
         self.store.reserve(scratch)
         try:
-            kv.update(layer_moves.recompute_kv(self.backend, range(missing[0], missing[-1] + 1), token_ids))
+            kv.update(layer_moves.recompute_kv(self.backend, range(missing[0], missing[-1] + 1), token_ids,
+                                                    self.max_forward_tokens))
         finally:
             self.store.release(scratch)
         return kv
