@@ -60,6 +60,7 @@ class SweepConfig:
     load_sessions: int = 32
     load_tokens: int = 64
     max_minutes: float = 40.0
+    warmup_tokens: int = 4  # the adaptive generator's unmeasured first generation at each point
 
     def __post_init__(self) -> None:
         if not self.bandwidths_mbps or not self.rtts_ms or min(self.bandwidths_mbps) <= 0 or min(self.rtts_ms) < 0:
@@ -148,13 +149,17 @@ class Bench:
         return Run(tokens, gaps, ttft, energy, [self.n_layers] * len(tokens))
 
     def offloaded(self, url: str, split: int | None, n_tokens: int, budget_s: float,
-                  on_token: Callable[[int], None] | None = None) -> Run:
-        """Static split (an int) or adaptive (None) through the same OffloadedGenerator."""
+                  on_token: Callable[[int], None] | None = None, warmup_tokens: int = 0) -> Run:
+        """Static split (an int) or adaptive (None) through the same OffloadedGenerator. warmup_tokens: a
+        short unmeasured generation first, as a long-lived device would have had (the planner learns the
+        server's real speed under load, the estimator the link)."""
         from edgellm.offload.generate import OffloadConfig, OffloadedGenerator
 
         config = OffloadConfig(static_split=split, timeout_s=30.0, probe_interval_s=0.25)
         with OffloadedGenerator(self.device, [url], TOKEN, model_sha256=self.sha256, config=config,
                                 device_profile=self.device_profile, energy=self.energy) as gen:
+            if warmup_tokens:
+                _consume(gen.generate(self.tokenizer, self.prompt, self.generation(warmup_tokens)), budget_s)
             tokens, gaps, ttft = _consume(gen.generate(self.tokenizer, self.prompt, self.generation(n_tokens)),
                                           budget_s, on_token)
             records = gen.last_records
@@ -197,7 +202,7 @@ def sweep(bench: Bench, url: str, proxy, base_rtt_ms: float, server_profile, dea
                 static[k] = bench.offloaded(url, k, c.new_tokens, c.run_budget_s)
                 progress.update(1)
             static[bench.n_layers] = local
-            adaptive = bench.offloaded(url, None, c.new_tokens, c.run_budget_s)
+            adaptive = bench.offloaded(url, None, c.new_tokens, c.run_budget_s, warmup_tokens=c.warmup_tokens)
             progress.update(1)
             points.append(_point(bench, rtt, mbps, local, static, adaptive, predicted))
     return points
@@ -252,7 +257,8 @@ def drop_run(bench: Bench, url: str, proxy, base_rtt_ms: float, server_profile, 
             if i == c.drop_at:
                 proxy.set(rate_mbps=c.drop_to_mbps)
 
-        out = bench.offloaded(url, split, c.drop_tokens, budget, on_token=drop) if split != n else \
+        out = bench.offloaded(url, split, c.drop_tokens, budget, on_token=drop,
+                              warmup_tokens=c.warmup_tokens if split is None else 0) if split != n else \
             bench.local(c.drop_tokens, budget)
         progress.update(1)
         return out

@@ -122,11 +122,13 @@ class Endpoint:
         return True
 
     def _sized_probe(self, rtt_ms: float) -> None:
-        """Capabilities (~2 KB of JSON) right after a health probe: a bandwidth sample while all-local."""
-        self._probe_client.capabilities(refresh=True)
+        """The OpenAPI document (~19 KB, public, cached by the server) right after a health probe: a
+        bandwidth sample while all-local, resolvable up to ~100 Mbit/s."""
+        self._probe_client.request("GET", "/openapi.json")
         t = self._probe_client.last_timing
         if t is not None:
-            self.estimator.observe(t.bytes_sent, t.bytes_received, t.wall_s, t.server_s or 0.0, rtt_ms=rtt_ms)
+            self.estimator.observe(t.bytes_sent, t.bytes_received, t.wall_s, t.server_s or 0.0, rtt_ms=rtt_ms,
+                                   probe=True)
 
     def _feed(self, timing) -> None:
         if timing is not None:
@@ -209,8 +211,9 @@ class OffloadedGenerator:
                 if ep.profile.n_layers != self.backend.config.n_layers:
                     raise ConfigError(f"{ep.url} serves a model with {ep.profile.n_layers} layers, the device's "
                                       f"has {self.backend.config.n_layers}")
-                for _ in range(self.config.warmup_probes):  # a measured RTT before the first plan
+                for _ in range(self.config.warmup_probes):  # a measured link before the first plan
                     ep.prober.probe_once()
+                ep.prober.probe_once(sized=True)
             ep.prober.start()
         self._started = True
 
@@ -230,6 +233,11 @@ class OffloadedGenerator:
         """The same TokenEvent stream as edgellm.runtime.generation.generate on an all-local session."""
         config = config or GenerationConfig()
         self._start()
+        for ep in self.endpoints:  # an estimate nobody refreshed lately (probes paused, link idle) is re-measured
+            if ep.profile is not None and ep.estimator.stale:
+                for _ in range(self.config.warmup_probes):
+                    ep.prober.probe_once()
+                ep.prober.probe_once(sized=True)
         ctx = self.backend.config.context_length
         sampling = config.sampling
         session = SplitSession(self, max_tokens=min(ctx, len(prompt_ids) + max(1, config.max_new_tokens)),
@@ -347,8 +355,10 @@ class SplitSession(Session):
             kp = kd = static
         else:
             planner = self._planner(ep)
-            plan = planner.plan(ep.estimator.estimate(), prompt_tokens, self.max_new_tokens)
+            net = ep.estimator.estimate()
+            plan = planner.plan(net, prompt_tokens, self.max_new_tokens)
             kp, kd = plan.prefill_split, plan.decode_split
+            log.debug("plan %s with %s", plan, net)
         self.device.reset(kp)
         if kp < n:
             try:
@@ -383,6 +393,8 @@ class SplitSession(Session):
                                               self.max_new_tokens - generated, cloud=ep is not None,
                                               device_replay_from=self._replay_from(self.split))
             target = decision.split
+            log.debug("position %d split %d: %s (%s)", self.position, self.split, decision.reason,
+                      {c.split: round(c.latency_ms, 1) for c in decision.costs if c.split in (0, self.split, n)})
         if ep is None:
             target = n
         if target != self.split:

@@ -99,7 +99,7 @@ class _Ewma:
 
     def add(self, x: float) -> None:
         if self.n == 0:  # the first real sample replaces the prior
-            self.mean, self.dev = x, x / 2
+            self.mean, self.dev = x, abs(x) / 2
         else:
             self.dev = (1 - self.beta) * self.dev + self.beta * abs(x - self.mean)
             self.mean = (1 - self.alpha) * self.mean + self.alpha * x
@@ -116,18 +116,22 @@ class NetworkEstimator:
         self._rtt = _Ewma(config.prior_rtt_ms, config.alpha, config.beta)
         self._mspb = _Ewma(mbps_to_ms_per_byte(config.prior_bandwidth_mbps), config.alpha, config.beta)
         self._last_sample = clock()
+        self._last_traffic = float("-inf")
 
     def observe(self, bytes_sent: int, bytes_received: int, wall_s: float, server_s: float = 0.0,
-                rtt_ms: float | None = None) -> None:
+                rtt_ms: float | None = None, probe: bool = False) -> None:
         """Feed one finished request (the client's last_timing).
 
         rtt_ms: a round trip measured just before (a probe pair), used instead of the smoothed RTT to
         take the round trip off a bandwidth sample, so a sudden RTT rise is not read as a bandwidth drop.
+        probe: the request was a probe, not generation traffic (see `traffic_age_s`).
         """
         net_ms = max(0.0, (wall_s - server_s) * 1e3)
         n_bytes = bytes_sent + bytes_received
         with self._lock:
             self._last_sample = self._clock()
+            if not probe:
+                self._last_traffic = self._last_sample
             if n_bytes < self.config.min_bandwidth_bytes:
                 self._rtt.add(max(0.0, net_ms - n_bytes * self._mspb.mean))
                 return
@@ -137,7 +141,12 @@ class NetworkEstimator:
 
     def observe_rtt(self, rtt_s: float) -> None:
         """Feed one tiny request's round trip (a health probe)."""
-        self.observe(0, 0, rtt_s, 0.0)
+        self.observe(0, 0, rtt_s, 0.0, probe=True)
+
+    def traffic_age_s(self) -> float:
+        """Seconds since generation traffic (not a probe) last reported a sample."""
+        with self._lock:
+            return self._clock() - self._last_traffic
 
     def estimate(self) -> NetworkEstimate:
         with self._lock:
@@ -152,8 +161,10 @@ class NetworkEstimator:
 
 
 class Prober:
-    """Background health probes every `interval_s`: RTT samples while no request is in flight, and the
-    liveness of a server the generator gave up on (so it can come back to it).
+    """Background health probes every `interval_s` while the link is idle: RTT (and, paired, bandwidth)
+    samples while the device runs locally, and the liveness of a server the generator gave up on (so it
+    can come back to it). While generation traffic flows, that traffic is the measurement and probes
+    pause: a probe queued behind a 200 KB answer on a slow link would report the queue as RTT.
 
     `probe` is a zero-argument callable that raises CloudError when the server is unreachable (e.g. a
     bound `CloudClient.health`); it is timed here. `sized`, if given, runs right after every
@@ -178,7 +189,8 @@ class Prober:
         self._thread.start()
         return self
 
-    def probe_once(self) -> bool:
+    def probe_once(self, sized: bool = False) -> bool:
+        """One health probe (and its sized pair when due, or when `sized`); False if it failed."""
         sent = time.monotonic()
         t0 = time.perf_counter()
         try:
@@ -191,7 +203,7 @@ class Prober:
         self.estimator.observe_rtt(rtt_s)
         self.healthy, self.last_ok_sent = True, sent
         self._ok += 1
-        if self.sized is not None and self._ok % self.sized_every == 0:
+        if self.sized is not None and (sized or self._ok % self.sized_every == 0):
             try:
                 self.sized(rtt_s * 1e3)
             except CloudError as exc:
@@ -200,6 +212,8 @@ class Prober:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if self.healthy and self.estimator.traffic_age_s() < self.interval_s:
+                continue  # generation traffic is measuring the link right now
             self.probe_once()
 
     def stop(self) -> None:
