@@ -48,7 +48,7 @@ class RLConfig:
     tau: float = 0.01  # soft target update
     discount: float = 1.0
     batch_size: int = 64
-    replay_size: int = 2000  # transitions (HAQ: rmsize 128 episodes' worth for small nets)
+    replay_episodes: int = 128  # replay buffer, in episodes (HAQ: rmsize 128 per layer)
     noise_init: float = 0.5  # truncated normal sigma (HAQ: init_delta 0.5)
     noise_decay: float = 0.99  # per episode after the warm-up (HAQ: delta_decay 0.99)
     baseline_alpha: float = 0.5  # moving-average reward baseline (HAQ: moving_alpha 0.5)
@@ -59,8 +59,9 @@ class RLConfig:
         if self.episodes < 1 or self.warmup < 0 or self.warmup >= self.episodes:
             raise ConfigError(f"need episodes >= 1 and 0 <= warmup < episodes, found episodes={self.episodes} "
                               f"warmup={self.warmup}")
-        if self.batch_size < 1 or self.replay_size < self.batch_size:
-            raise ConfigError(f"need replay_size >= batch_size >= 1, found {self.replay_size}, {self.batch_size}")
+        if self.batch_size < 1 or self.replay_episodes < 1:
+            raise ConfigError(f"need batch_size >= 1 and replay_episodes >= 1, found {self.batch_size}, "
+                              f"{self.replay_episodes}")
         if not 0 < self.noise_decay <= 1 or self.noise_init < 0:
             raise ConfigError(f"need noise_init >= 0 and 0 < noise_decay <= 1, found {self.noise_init}, "
                               f"{self.noise_decay}")
@@ -170,7 +171,6 @@ class _Agent:
 
         self.torch, self.cfg = torch, cfg
         h1, h2 = cfg.hidden
-        torch.manual_seed(cfg.seed)
 
         def actor() -> nn.Module:
             return nn.Sequential(nn.Linear(state_dim, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(),
@@ -185,8 +185,10 @@ class _Agent:
             def forward(self, s, a):
                 return self.rest(self.fs(s) + self.fa(a))
 
-        self.actor, self.actor_target = actor(), actor()
-        self.critic, self.critic_target = Critic(), Critic()
+        with torch.random.fork_rng():  # seeded initial weights without touching the caller's torch RNG
+            torch.manual_seed(cfg.seed)
+            self.actor, self.actor_target = actor(), actor()
+            self.critic, self.critic_target = Critic(), Critic()
         self.actor_target.load_state_dict(self.actor.state_dict())
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.opt_actor = _Adam(self.actor.parameters(), cfg.lr_actor)
@@ -252,6 +254,30 @@ def _noisy(rng: np.random.Generator, mu: float, sigma: float) -> float:
     return float(np.clip(mu, 0.0, 1.0))
 
 
+def _rollout(agent: _Agent, emb: np.ndarray, rng: np.random.Generator, sigma: float | None):
+    """One episode's states and actions, unit by unit (state = embedding + previous action); uniform
+    random actions while `sigma` is None (warm-up), else the actor's plus truncated-normal noise."""
+    states, actions, prev = [], [], 0.0
+    for row in emb:
+        s = np.append(row, prev).astype(np.float32)
+        a = float(rng.uniform()) if sigma is None else _noisy(rng, agent.act(s), sigma)
+        states.append(s)
+        actions.append(a)
+        prev = a
+    return states, actions
+
+
+def _learn(agent: _Agent, replay: _Replay, rng: np.random.Generator, states, actions, reward: float,
+           update: bool) -> None:
+    """HAQ: every transition of the episode gets the episode's reward; one DDPG update per transition."""
+    n = len(states)
+    for k in range(n):
+        replay.add(states[k], actions[k], reward, states[min(k + 1, n - 1)], float(k == n - 1))
+        if update and replay.n >= agent.cfg.batch_size:
+            for _ in range(agent.cfg.updates_per_step):
+                agent.update(*replay.sample(rng, agent.cfg.batch_size))
+
+
 def rl_search(units: Sequence[Unit], formats: Sequence[str], loss: Mapping[str, Mapping[str, float]],
               budget: Budget, cost_us: Callable[[Unit, str], float] | None = None,
               config: RLConfig | None = None, progress: bool = False) -> RLSearchResult:
@@ -278,7 +304,7 @@ def rl_search(units: Sequence[Unit], formats: Sequence[str], loss: Mapping[str, 
     started = time.perf_counter()
     try:
         agent = _Agent(state_dim, cfg)
-        replay = _Replay(cfg.replay_size, state_dim)
+        replay = _Replay(cfg.replay_episodes * n_u, state_dim)
         best_idx, best_loss, best_episode = bottom, problem.loss(bottom), -1
         history: list[float] = []
         episode_loss: list[float] = []
@@ -289,26 +315,13 @@ def rl_search(units: Sequence[Unit], formats: Sequence[str], loss: Mapping[str, 
             episodes = tqdm(episodes, desc="rl search", unit="episode")
         for ep in episodes:
             sigma = cfg.noise_init * cfg.noise_decay ** max(0, ep - cfg.warmup)
-            states, actions = [], []
-            prev = 0.0
-            for k in range(n_u):
-                s = np.append(emb[k], prev).astype(np.float32)
-                a = float(rng.uniform()) if ep < cfg.warmup else _noisy(rng, agent.act(s), sigma)
-                states.append(s)
-                actions.append(a)
-                prev = a
-            idx = np.minimum((np.asarray(actions) * n_f).astype(np.int64), n_f - 1)
+            states, actions = _rollout(agent, emb, rng, None if ep < cfg.warmup else sigma)
+            idx = np.minimum((np.asarray(actions) * n_f).astype(np.int64), n_f - 1)  # one bin per format
             idx = degrade_to_budget(problem, idx)
             ep_loss = problem.loss(idx)
             if ep_loss < best_loss - 1e-15:
                 best_idx, best_loss, best_episode = idx, ep_loss, ep
-            reward = -ep_loss / scale
-            for k in range(n_u):
-                nxt = states[k + 1] if k + 1 < n_u else states[k]
-                replay.add(states[k], actions[k], reward, nxt, float(k == n_u - 1))
-                if ep >= cfg.warmup and replay.n >= cfg.batch_size:
-                    for _ in range(cfg.updates_per_step):
-                        agent.update(*replay.sample(rng, cfg.batch_size))
+            _learn(agent, replay, rng, states, actions, -ep_loss / scale, update=ep >= cfg.warmup)
             history.append(best_loss)
             episode_loss.append(ep_loss)
             if progress:
