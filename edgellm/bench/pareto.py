@@ -57,6 +57,7 @@ RECIPE_BUDGETS: dict[str, dict[str, Any]] = {
     "allocate-size-rl": {"bits_per_weight": (3.5, 4.5)},  # at 3.0 only one plan fits (all int2-g64)
 }
 SKIP_RECIPES = {"rtn-int4": "= the uniform int4 row", "lossless": "= the lossless row"}
+SENSITIVITY_CHUNK_UNITS = 20  # units measured between saves (each chunk re-runs one base forward pass)
 GROUPS = ("lossless", "uniform RTN", "GPTQ", "allocator (size)", "allocator (latency)", "RL search",
           "pruning", "recipe", "llama.cpp")
 
@@ -323,14 +324,25 @@ def ensure_sensitivity(state, recipe) -> None:
         names = [u.name for u in units(state.model.config)]
         have = set.intersection(*(set(merged.get(n, {})) for n in names))
         missing = tuple(f for f in formats if f not in have)
+        state.cache_dir.mkdir(parents=True, exist_ok=True)
         if missing:
             log.info("sensitivity: measuring %s (cached: %s)", ", ".join(missing), ", ".join(sorted(have)) or "none")
             ids = calibration_ids(Tokenizer(state.model.tokenizer), config)
-            fresh = measure_sensitivity(state.model, ids, SensitivityConfig(
-                calibration=p.calibration, tokens=p.tokens, window=p.window, formats=missing), progress=state.progress)
-            for unit, per in fresh.kl.items():
-                merged.setdefault(unit, {}).update(per)
-        state.cache_dir.mkdir(parents=True, exist_ok=True)
+            todo = SensitivityConfig(calibration=p.calibration, tokens=p.tokens, window=p.window, formats=missing)
+            # hours on a busy 2-core machine: measured a few layers at a time, saved after each, resumable
+            partial_path = path.with_name(path.stem + ".partial.json")
+            partial = SensitivityTable.load(partial_path).kl if partial_path.is_file() else {}
+            all_units = units(state.model.config)
+            for start in range(0, len(all_units), SENSITIVITY_CHUNK_UNITS):
+                chunk = [u for u in all_units[start:start + SENSITIVITY_CHUNK_UNITS]
+                         if not set(missing) <= set(partial.get(u.name, {}))]
+                if chunk:
+                    fresh = measure_sensitivity(state.model, ids, todo, progress=state.progress, only=chunk)
+                    for unit, per in fresh.kl.items():
+                        partial.setdefault(unit, {}).update(per)
+                    SensitivityTable(model=str(state.model.source), config=asdict(todo), kl=partial).save(partial_path)
+            for unit, per in partial.items():
+                merged.setdefault(unit, {}).update({f: v for f, v in per.items() if f in missing})
         SensitivityTable(model=str(state.model.source), config=asdict(config), kl=merged).save(path)
 
 
