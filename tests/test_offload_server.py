@@ -30,7 +30,6 @@ from edgellm.model.loader import load_model
 from edgellm.offload import wire
 from edgellm.offload.client import CloudClient, RemoteSession, StalePositionError
 from edgellm.offload.identity import model_sha256
-from edgellm.offload.layer_moves import write_kv
 from edgellm.offload.server import ServerSettings, create_app
 from edgellm.runtime.backend import Backend, LayerRange
 from edgellm.runtime.reference import ReferenceBackend
@@ -116,13 +115,12 @@ def prompt(n: int, seed: int = 0, vocab: int = 267) -> np.ndarray:
 def device_with_kv(backend: Backend, stop: int, kv: dict, position: int, max_tokens: int = 32):
     """A device session for layers [0, stop) whose cache is `kv` (layer -> (K, V)) at `position` tokens."""
     session = backend.open_session(LayerRange(0, stop, N_LAYERS), max_tokens)
-    for layer, pair in kv.items():
-        write_kv(session, layer, pair, position)
-    session.cache.length = session.position = position
+    session.import_kv(kv, position)
     return session
 
 
 def local_kv(session, layers) -> dict:
+    """Straight from the reference cache tensors (not through read_kv: an oracle of its own)."""
     n = session.position
     return {i: (session.cache.keys[i, :n].numpy().copy(), session.cache.values[i, :n].numpy().copy())
             for i in layers}

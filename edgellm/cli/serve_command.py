@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning("serving WITHOUT auth on %s: anyone who can reach it can use it", args.host)
     model = load_model(args.model)
-    backend = create_backend("reference", model, threads=args.threads)
+    # an export runs on the backend its manifest names (ONNX Runtime sessions move KV too); a GGUF on reference
+    backend = create_backend(str(model.metadata.get("backend", "reference")), model, threads=args.threads)
     app = create_app(backend, model_id(model), model_sha256(model), settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

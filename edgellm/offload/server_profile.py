@@ -1,7 +1,8 @@
 """The server's per-layer cost, measured at start-up with a short real run (the planner's cloud side).
 
 Each layer runs alone on a one-layer session (layer 0 takes token ids, so its time includes the embedding);
-the head runs on an empty range [n, n). Prefill is timed over `prefill_tokens` positions and reported per
+the head runs on an empty range [n, n) (estimated from the last layer's range where a backend cannot
+run the head alone). Prefill is timed over `prefill_tokens` positions and reported per
 token; decode is the median of a few single-token steps after it. Measured, never assumed.
 """
 
@@ -14,6 +15,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from edgellm.errors import ConfigError
 from edgellm.runtime.backend import Backend, LayerRange
 
 
@@ -32,10 +34,7 @@ def _time_range(backend: Backend, layers: LayerRange, prefill_tokens: int, decod
                 rng: np.random.Generator) -> tuple[float, float]:
     """(ms per prefill token, median ms per decode step) for one range."""
     cfg = backend.config
-    if len(layers):
-        session = backend.open_session(layers, max_tokens=prefill_tokens + decode_steps)
-    else:  # the head alone; Backend.open_session reads an empty (falsy) range as "the whole model"
-        session = backend._open(layers, prefill_tokens + decode_steps)
+    session = backend.open_session(layers, max_tokens=prefill_tokens + decode_steps)  # [n, n): the head alone
 
     def inputs(t: int) -> np.ndarray:
         if layers.takes_tokens:
@@ -64,9 +63,16 @@ def measure_server_profile(backend: Backend, prefill_tokens: int = 16, decode_st
         p, d = _time_range(backend, LayerRange(i, i + 1, n), prefill_tokens, decode_steps, rng)
         prefill.append(p)
         decode.append(d)
-    _, head = _time_range(backend, LayerRange(n, n, n), 1, decode_steps, rng)
+    try:
+        _, head = _time_range(backend, LayerRange(n, n, n), 1, decode_steps, rng)
+    except ConfigError:  # a backend that cannot run the head alone (ONNX Runtime cuts need a layer)
+        head = None
     if n:  # the last one-layer range also ran the head (on the last position): take it out
-        decode[-1] = max(decode[-1] - head, 0.0)
+        if head is None:  # estimate: what the last range took beyond a typical layer
+            typical = statistics.median(decode[:-1]) if n > 1 else 0.0
+            head, decode[-1] = max(decode[-1] - typical, 0.0), typical
+        else:
+            decode[-1] = max(decode[-1] - head, 0.0)
         prefill[-1] = max(prefill[-1] - head / prefill_tokens, 0.0)
-    return ServerProfile([round(x, 4) for x in decode], [round(x, 4) for x in prefill], round(head, 4),
+    return ServerProfile([round(x, 4) for x in decode], [round(x, 4) for x in prefill], round(head or 0.0, 4),
                          datetime.now(timezone.utc).isoformat())

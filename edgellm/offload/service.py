@@ -191,13 +191,7 @@ class OffloadService:
                                f"0 <= start < stop <= {entry.start}, found [{start}, {stop})")
             tensors = wire.decode_tensors(body, count=2 * (stop - start), allowed=("float32",), ndim=3, finite=True)
             layers = range(start, stop)
-            position = tensors[0].shape[0]
-            expected = [(position, layer_moves.kv_heads(self.config, i), self.config.head_dim) for i in layers]
-            found = [t.shape for t in tensors]
-            if position > entry.max_tokens or found != [s for s in expected for _ in (0, 1)]:
-                raise ApiError(400, "bad_shape", f"K and V of layers [{start}, {stop}) must be (position <= "
-                               f"{entry.max_tokens}, n_kv_heads, {self.config.head_dim}) with one position, "
-                               f"expected {expected[0]} for layer {start}, found {found[0]}")
+            self._check_kv_shapes(tensors, start, entry.max_tokens)
             freed = sum(entry.staged[i][0].nbytes * 2 for i in layers if i in entry.staged)
             added = sum(t.nbytes for t in tensors)
             self.store.reserve(added - freed, entry.reserved_bytes + entry.staged_bytes - freed + added)
@@ -206,6 +200,18 @@ class OffloadService:
             entry.staged_bytes += added - freed
         finally:
             self._done(entry)
+
+    def _check_kv_shapes(self, tensors: list[np.ndarray], start: int, max_tokens: int) -> None:
+        """(position, heads, head_dim), one position for all, K and V alike; the exact head count of a layer
+        (fewer in a structurally pruned one) is checked by the session that adopts the KV."""
+        cfg, position = self.config, tensors[0].shape[0]
+        for j, t in enumerate(tensors):
+            partner = tensors[j ^ 1]  # K <-> V of the same layer
+            if (t.shape[0] != position or position > max_tokens or t.shape[2] != cfg.head_dim
+                    or t.shape[1] > cfg.n_kv_heads or t.shape != partner.shape):
+                raise ApiError(400, "bad_shape", f"layer {start + j // 2} {'KV'[j % 2]} is {t.shape}; every K "
+                               f"and V must be (position <= {max_tokens}, n_kv_heads <= {cfg.n_kv_heads}, "
+                               f"{cfg.head_dim}) with one position, found position {position} first")
 
     def get_kv(self, session_id: str, start: int, stop: int) -> bytes:
         entry = self._locked(session_id)
@@ -216,7 +222,7 @@ class OffloadService:
             if entry.session.position == 0:
                 raise ApiError(409, "empty_cache", "the session holds no positions yet; nothing to download",
                                position=0)
-            tensors = [t for i in range(start, stop) for t in layer_moves.read_kv(entry.session, self.config, i)]
+            tensors = [t for i in range(start, stop) for t in layer_moves.read_kv(entry.session, i)]
             return wire.encode_tensors(tensors, "float32")
         finally:
             self._done(entry)
