@@ -17,6 +17,7 @@ all-local: float32 hidden states, KV moved as float32, recompute only by replayi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -57,7 +58,7 @@ class OffloadConfig:
     timeout_s: float = 10.0  # a request with no answer for this long is a fault
     probe_interval_s: float = 0.5
     sized_probe_every: int = 4  # every Nth probe also fetches capabilities: a bandwidth sample while local
-    warmup_probes: int = 3  # health probes before the first plan (the estimator starts from a measurement)
+    warmup_probes: int = 3  # probe pairs (health + 19 KB) before the first plan: it starts from a measurement
     retry_after_s: float = 2.0  # a failed server is not used again before this (and before it answers)
     dtype: str = "float32"  # hidden states on the wire; float32 keeps greedy output bit-identical
 
@@ -103,13 +104,16 @@ class Endpoint:
         self.profile: LayerProfile | None = None
         self.down_until = 0.0
         self.failed_at: float | None = None
+        self.in_flight = 0  # generation requests under way (the prober waits for the link to be idle)
         self.prober = Prober(self._probe_client.health, self.estimator, config.probe_interval_s,
-                             sized=self._sized_probe, sized_every=config.sized_probe_every)
+                             sized=self._sized_probe, sized_every=config.sized_probe_every,
+                             busy=lambda: self.in_flight > 0)
 
     def connect(self) -> bool:
         """Read capabilities (the server's profile); False when the server cannot be reached."""
-        try:  # not a network sample: a first request also pays the TCP connect and the server's warm-up
+        try:  # not network samples: first requests also pay the TCP connect and the server's warm-up
             caps = self.client.capabilities(refresh=True)
+            self._probe_client.request("GET", "/openapi.json")  # FastAPI builds it on first use (~40 ms)
         except CloudError as exc:
             log.warning("offload server %s unavailable: %s", self.url, exc)
             self.mark_down()
@@ -129,6 +133,15 @@ class Endpoint:
         if t is not None:
             self.estimator.observe(t.bytes_sent, t.bytes_received, t.wall_s, t.server_s or 0.0, rtt_ms=rtt_ms,
                                    probe=True)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark generation traffic in flight (only the generation thread changes the count)."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def _feed(self, timing) -> None:
         if timing is not None:
@@ -212,8 +225,7 @@ class OffloadedGenerator:
                     raise ConfigError(f"{ep.url} serves a model with {ep.profile.n_layers} layers, the device's "
                                       f"has {self.backend.config.n_layers}")
                 for _ in range(self.config.warmup_probes):  # a measured link before the first plan
-                    ep.prober.probe_once()
-                ep.prober.probe_once(sized=True)
+                    ep.prober.probe_once(sized=True)
             ep.prober.start()
         self._started = True
 
@@ -236,8 +248,7 @@ class OffloadedGenerator:
         for ep in self.endpoints:  # an estimate nobody refreshed lately (probes paused, link idle) is re-measured
             if ep.profile is not None and ep.estimator.stale:
                 for _ in range(self.config.warmup_probes):
-                    ep.prober.probe_once()
-                ep.prober.probe_once(sized=True)
+                    ep.prober.probe_once(sized=True)
         ctx = self.backend.config.context_length
         sampling = config.sampling
         session = SplitSession(self, max_tokens=min(ctx, len(prompt_ids) + max(1, config.max_new_tokens)),
@@ -316,11 +327,12 @@ class SplitSession(Session):
             self._correct(len(ids), device_ms, 0.0)
             return h, timing
         try:
-            if self.token_only and not all_logits:
-                out = np.full((1, self.vocab_size), -np.inf, dtype=np.float32)
-                out[0, self.remote.next_token(h)] = 0.0
-            else:
-                out = self.remote.forward(h, all_logits=all_logits)
+            with self.endpoint.busy():
+                if self.token_only and not all_logits:
+                    out = np.full((1, self.vocab_size), -np.inf, dtype=np.float32)
+                    out[0, self.remote.next_token(h)] = 0.0
+                else:
+                    out = self.remote.forward(h, all_logits=all_logits)
         except CloudError:
             self.device.truncate(p)
             raise
@@ -399,7 +411,8 @@ class SplitSession(Session):
             target = n
         if target != self.split:
             try:
-                self._move(target, ep, decision)
+                with ep.busy() if ep is not None else contextlib.nullcontext():
+                    self._move(target, ep, decision)
             except CloudError as exc:
                 self._fault(exc)
 

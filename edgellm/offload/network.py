@@ -72,6 +72,12 @@ class NetworkEstimate:
     rtt_samples: int = 0
     bandwidth_samples: int = 0
     age_s: float = 0.0
+    alpha: float = 1.0  # the smoothing weight behind the means (1: a single sample / exact)
+
+    @property
+    def mean_uncertainty(self) -> float:
+        """Deviation of an EWMA mean relative to one sample's: sqrt(alpha / (2 - alpha))."""
+        return (self.alpha / (2 - self.alpha)) ** 0.5
 
     @property
     def bandwidth_mbps(self) -> float:
@@ -92,18 +98,35 @@ class NetworkEstimate:
 
 
 class _Ewma:
-    """Mean and mean absolute deviation, RFC 6298 style."""
+    """Mean and mean absolute deviation, RFC 6298 style, with a spike filter and a step detector.
 
-    def __init__(self, prior: float, alpha: float, beta: float) -> None:
-        self.mean, self.dev, self.alpha, self.beta, self.n = prior, 0.0, alpha, beta, 0
+    A sample more than `step` deviations off does not move the mean (a one-off spike is ignored); a
+    second one in a row on the same side means the link changed: the mean restarts at it, so a step is
+    followed in two samples, not in the several an EWMA needs. The deviation always updates, so a link
+    that is simply that noisy stops producing "spikes".
+    """
+
+    def __init__(self, prior: float, alpha: float, beta: float, step: float = 4.0) -> None:
+        self.mean, self.dev, self.alpha, self.beta, self.step, self.n = prior, 0.0, alpha, beta, step, 0
+        self._spike: tuple[float, float] | None = None  # (sample, deviation before it)
 
     def add(self, x: float) -> None:
-        if self.n == 0:  # the first real sample replaces the prior
-            self.mean, self.dev = x, abs(x) / 2
-        else:
-            self.dev = (1 - self.beta) * self.dev + self.beta * abs(x - self.mean)
-            self.mean = (1 - self.alpha) * self.mean + self.alpha * x
         self.n += 1
+        if self.n == 1:  # the first real sample replaces the prior
+            self.mean, self.dev = x, abs(x) / 2
+            return
+        off = x - self.mean
+        spike, self._spike = self._spike, None
+        base_dev = spike[1] if spike else self.dev
+        if base_dev > 0 and abs(off) > self.step * base_dev:
+            if spike is not None and (spike[0] - self.mean) * off > 0:  # twice on the same side: a step
+                self.mean, self.dev = x, max(abs(spike[0] - x) / 2, base_dev)
+                return
+            self._spike = (x, self.dev)
+            self.dev = (1 - self.beta) * self.dev + self.beta * abs(off)
+            return
+        self.dev = (1 - self.beta) * self.dev + self.beta * abs(off)
+        self.mean = (1 - self.alpha) * self.mean + self.alpha * x
 
 
 class NetworkEstimator:
@@ -153,7 +176,7 @@ class NetworkEstimator:
             return NetworkEstimate(
                 rtt_ms=self._rtt.mean, rtt_dev_ms=self._rtt.dev, ms_per_byte=max(MIN_MS_PER_BYTE, self._mspb.mean),
                 ms_per_byte_dev=self._mspb.dev, rtt_samples=self._rtt.n, bandwidth_samples=self._mspb.n,
-                age_s=self._clock() - self._last_sample)
+                age_s=self._clock() - self._last_sample, alpha=self.config.alpha)
 
     @property
     def stale(self) -> bool:
@@ -169,17 +192,19 @@ class Prober:
     `probe` is a zero-argument callable that raises CloudError when the server is unreachable (e.g. a
     bound `CloudClient.health`); it is timed here. `sized`, if given, runs right after every
     `sized_every`-th successful probe with that probe's RTT in ms (a probe pair: a larger request whose
-    bandwidth sample is taken relative to that RTT). Bounded: a daemon thread that stops on `stop()`.
+    bandwidth sample is taken relative to that RTT). `busy` says a generation request is in flight.
+    Bounded: a daemon thread that stops on `stop()`.
     """
 
     def __init__(self, probe: Callable[[], object], estimator: NetworkEstimator, interval_s: float = 0.5,
-                 sized: Callable[[float], None] | None = None, sized_every: int = 4) -> None:
+                 sized: Callable[[float], None] | None = None, sized_every: int = 4,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         if not math.isfinite(interval_s) or interval_s <= 0:
             raise ConfigError(f"probe interval must be > 0 s, found {interval_s}")
         if sized_every < 1:
             raise ConfigError(f"sized_every must be >= 1, found {sized_every}")
         self.probe, self.estimator, self.interval_s = probe, estimator, interval_s
-        self.sized, self.sized_every, self._ok = sized, sized_every, 0
+        self.sized, self.sized_every, self._ok, self.busy = sized, sized_every, 0, busy
         self.healthy = True
         self.last_ok_sent = float("-inf")  # time.monotonic() at which the last successful probe was sent
         self._stop = threading.Event()
@@ -212,7 +237,7 @@ class Prober:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if self.healthy and self.estimator.traffic_age_s() < self.interval_s:
+            if self.healthy and (self.busy() or self.estimator.traffic_age_s() < self.interval_s):
                 continue  # generation traffic is measuring the link right now
             self.probe_once()
 

@@ -342,10 +342,11 @@ class Planner:
         return Decision(current, NO_MOVE, "hold", tuple(costs))
 
     def _gain_deviation(self, net: NetworkEstimate, a: SplitCost, b: SplitCost) -> float:
-        """Deviation of cost(a) - cost(b) from the estimator's: the network terms they do not share
-        (two cloud splits share their round trip, so its noise cancels)."""
-        rtt = abs(a.round_trips - b.round_trips) * net.rtt_dev_ms
-        wire = abs(a.wire_bytes - b.wire_bytes) * net.ms_per_byte_dev
+        """Uncertainty of cost(a) - cost(b) from the estimator's: the network terms they do not share (two
+        cloud splits share their round trip, so its noise cancels), at the deviation of a smoothed mean."""
+        k = net.mean_uncertainty
+        rtt = abs(a.round_trips - b.round_trips) * net.rtt_dev_ms * k
+        wire = abs(a.wire_bytes - b.wire_bytes) * net.ms_per_byte_dev * k
         if self.config.objective == "energy":
             e = self.model.energy
             return rtt * (e.power_idle_w if e else 0.0) + wire * (e.power_transmit_w if e else 1.0)
