@@ -223,7 +223,6 @@ def _format_counts(description, plan: CompressionPlan) -> dict[str, int]:
 
 
 def _onnx_measurements(description, plan: CompressionPlan, ctx: Context) -> dict:
-    from edgellm.bench.decode_probe import decode_ms_per_token
     from edgellm.compress.target import export_linears, load_target
     from edgellm.errors import ConfigError
     from edgellm.export.onnx_export import export_onnx
@@ -234,7 +233,6 @@ def _onnx_measurements(description, plan: CompressionPlan, ctx: Context) -> dict
     out = {"engine": "onnxruntime", "export_mb": sum(p.stat().st_size for p in art.iterdir()) / 1e6,
            "export_dir": str(art)}
     out["ppl_engine"] = _ppl(create_backend("onnxruntime", load_model(art), threads=ctx.threads), ctx)
-    out["ort_ms_per_token_at_eval"] = decode_ms_per_token(art, threads=ctx.threads)
     manifest = json.loads((art / "manifest.json").read_text())
     try:
         table = load_target("cpu-ort").load_cost_table()
