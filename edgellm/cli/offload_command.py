@@ -71,6 +71,7 @@ def generate_offloaded(args: argparse.Namespace, model: Any, tokenizer: Any, pro
     if not args.offload:
         raise ConfigError("--objective/--offload-split need --offload URL")
     name = getattr(args, "backend", None) or "reference"
+    args.backend = name  # what `generate --json` reports
     if "plan" in getattr(model, "metadata", {}):
         raise ConfigError("offloading runs a model file or directory, not a compressed plan directory")
     backend = create_backend(name, model, threads=getattr(args, "threads", None))
