@@ -43,8 +43,8 @@ def _with_dead_structures(path):
 
 
 def _prune(model, **params):
-    recipe = parse_recipe({"name": "s", "passes": [{"pass": "prune_structured", "tokens": 256, "window": 64,
-                                                    **params}]}, "inline")
+    params = {"of": "layers", "tokens": 256, "window": 64, "fisher_window": 64, **params}
+    recipe = parse_recipe({"name": "s", "passes": [{"pass": "prune_structured", **params}]}, "inline")
     return run_recipe(CompressState(model=model, plan=CompressionPlan()), recipe), recipe
 
 
@@ -101,6 +101,16 @@ def test_compressed_dir_records_shapes_and_exports_to_a_smaller_matching_onnx(ti
     assert np.abs(steps - expected[40:48]).max() < 1e-3
     size = {d: (d / "model.onnx.data").stat().st_size for d in (small, full)}
     assert size[small] < 0.85 * size[full], size
+
+
+def test_sparsity_of_the_whole_model(tiny_path) -> None:
+    state, _ = _prune(load_model(tiny_path), sparsity=0.2, of="model", importance="energy")
+    report = state.report["prune_structured"]
+    # greedy stops within half a structure of the target: here one FFN chunk = 6144 of 91008 parameters
+    assert abs(report["removed_fraction_of_all_parameters"] - 0.2) < 0.5 * 6144 / report["parameters_before"]
+    assert report["removed_layer_linear_fraction"] > 0.22  # the embedding is never pruned
+    with pytest.raises(ConfigError, match="above max_layer_sparsity 0.6"):
+        _prune(load_model(tiny_path), sparsity=0.55, of="model", max_layer_sparsity=0.6)
 
 
 def test_owl_and_uniform_allocations(tiny_path) -> None:

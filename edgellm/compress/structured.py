@@ -16,8 +16,10 @@ Importance of a structure, two estimates:
       the layer:  FFN channel j: sum_t a_tj^2 ||W_down[:, j]||^2 / sum_t ||x_t||^2, KV group g:
       ||O[:, cols_g] W_o[:, cols_g]^T||_F^2 / sum_t ||x_t||^2  (a = silu(gate) * up, O = attention output).
 
-Structures are removed cheapest first by importance per parameter until the target fraction of the
-decoder layers' linear weights is gone:
+Structures are removed cheapest first by importance per parameter until the target is gone: `sparsity`
+of all the model's parameters (`of = "model"`, the convention of LLM-Pruner and FLAP; the embedding is
+never pruned, so the decoder layers lose more than `sparsity` of their weights) or of the decoder
+layers' linear weights only (`of = "layers"`):
 
   allocation = "global"   one ranking over all layers (importance-based non-uniform layer ratios)
   allocation = "owl"      per-layer targets from each layer's outlier ratio (OWL), ranked within layers
@@ -67,9 +69,10 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class StructuredParams:
-    """Remove `sparsity` of the decoder layers' linear weights as whole KV groups and FFN channels."""
+    """Remove `sparsity` of the model's parameters (or of the layers' linears) as KV groups and FFN channels."""
 
     sparsity: float = 0.2
+    of: str = "model"  # "model": of all parameters (embedding included, never pruned); "layers": of layer linears
     allocation: str = "global"
     importance: str = "fisher"
     fisher_window: int = 128  # tokens per window: one squared gradient per window
@@ -89,6 +92,8 @@ class StructuredParams:
             raise ConfigError(f"sparsity must be a fraction in (0, 1), found {self.sparsity!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation {self.allocation!r} unknown; valid: {', '.join(ALLOCATIONS)}")
+        if self.of not in ("model", "layers"):
+            raise ConfigError(f"of {self.of!r} unknown; valid: model, layers")
         if self.importance not in IMPORTANCES:
             raise ConfigError(f"importance {self.importance!r} unknown; valid: {', '.join(IMPORTANCES)}")
         if not 2 <= self.fisher_window <= self.tokens:
@@ -157,16 +162,23 @@ def select(cfg, items: list[Item], targets: dict[int | None, float], p: Structur
     return chosen
 
 
-def layer_targets(cfg, stats: list[LayerStats], p: StructuredParams) -> dict[int | None, float]:
+def layer_targets(cfg, stats: list[LayerStats], p: StructuredParams,
+                  model_params: int | None = None) -> dict[int | None, float]:
+    """Parameters to remove: {None: total} for the global ranking, else per layer. `model_params` (all of
+    the model's parameters) is the base when p.of == "model"."""
     total = sum(layer_linear_params(cfg, i) for i in range(cfg.n_layers))
+    fraction = p.sparsity * (model_params or total) / total if p.of == "model" else p.sparsity
+    if fraction > p.max_layer_sparsity:
+        raise ConfigError(f"sparsity {p.sparsity} of the model is {fraction:.3f} of the layers' linear weights, "
+                          f"above max_layer_sparsity {p.max_layer_sparsity}; lower sparsity or raise the cap")
     if p.allocation == "global":
-        return {None: p.sparsity * total}
+        return {None: fraction * total}
     if p.allocation == "uniform":
-        ratios = [p.sparsity] * cfg.n_layers
+        ratios = [fraction] * cfg.n_layers
     else:
         from edgellm.compress.prune import owl_sparsities
 
-        ratios = owl_sparsities([s.outlier_ratio for s in stats], p.sparsity, p.owl_lambda)
+        ratios = owl_sparsities([s.outlier_ratio for s in stats], fraction, min(p.owl_lambda, fraction, 1 - fraction))
     return {i: float(r) * layer_linear_params(cfg, i) for i, r in enumerate(ratios)}
 
 
@@ -291,7 +303,8 @@ def prune_structured_pass(state, p: StructuredParams) -> None:
         fisher = fisher_scores(ref, ids, p.fisher_window, state.progress)
         stats = [LayerStats(c, g, stats[i].outlier_ratio if owl_m is not None else 0.0)
                  for i, (c, g) in enumerate(fisher)]
-    chosen = select(cfg0, candidate_items(cfg0, stats, p), layer_targets(cfg0, stats, p), p)
+    all_params = sum(int(np.prod(t.shape)) for t in model.weights.values())
+    chosen = select(cfg0, candidate_items(cfg0, stats, p), layer_targets(cfg0, stats, p, all_params), p)
     drops: dict[int, tuple[set[int], set[int]]] = {i: (set(), set()) for i in range(cfg0.n_layers)}
     for it in chosen:
         drops[it.layer][0 if it.kind == "kv_group" else 1].update(it.index)
@@ -315,10 +328,10 @@ def prune_structured_pass(state, p: StructuredParams) -> None:
     model.validate()
     total = sum(layer_linear_params(cfg0, i) for i in range(cfg0.n_layers))
     removed = total - sum(layer_linear_params(model.config, i) for i in range(cfg0.n_layers))
-    all_params = sum(int(np.prod(t.shape)) for t in model.weights.values())
     state.report["prune_structured"] = {
-        "allocation": p.allocation, "target_sparsity": p.sparsity, "removed_layer_linear_fraction": removed / total,
-        "removed_fraction_of_all_parameters": removed / (all_params + removed), "calibration_tokens": len(ids),
+        "allocation": p.allocation, "importance": p.importance, "target_sparsity": p.sparsity, "of": p.of,
+        "removed_layer_linear_fraction": removed / total, "removed_fraction_of_all_parameters": removed / all_params,
+        "parameters_before": all_params, "parameters_after": all_params - removed, "calibration_tokens": len(ids),
         "kv_groups_removed": sum(len(g) for g, _ in drops.values()),
         "ffn_channels_removed": sum(len(c) for _, c in drops.values()),
         "layer_n_heads": list(model.config.layer_n_heads), "layer_ffn_sizes": list(model.config.layer_ffn_sizes),
