@@ -63,29 +63,6 @@ class ReplayLog:
         return None
 
 
-def _cache(session: Session):
-    cache = getattr(session, "cache", None)
-    return cache if cache is not None and hasattr(cache, "keys") else None
-
-
-def _kv_heads(config, layer: int) -> int:
-    at = getattr(config, "n_kv_heads_at", None)
-    return at(layer) if at else config.n_kv_heads
-
-
-def read_kv(session: Session, layer: int, config) -> KV:
-    """One layer's K and V for the cached positions, float32 (position, n_kv_heads, head_dim)."""
-    import torch
-
-    cache = _cache(session)
-    if cache is None:
-        raise ConfigError(f"{type(session).__name__} does not expose its KV cache")
-    slot, p, heads = layer - cache.start_layer, session.position, _kv_heads(config, layer)
-    with torch.no_grad():
-        return (cache.keys[slot, :p, :heads].to(torch.float32).numpy().copy(),
-                cache.values[slot, :p, :heads].to(torch.float32).numpy().copy())
-
-
 class DeviceStack:
     """Layers [0, split) of the device backend for one sequence (split 0: nothing runs on the device)."""
 
@@ -124,47 +101,31 @@ class DeviceStack:
         """KV of device layers [start, stop) (to upload when they join the server)."""
         if not 0 <= start <= stop <= self.split or self.session is None:
             raise ConfigError(f"the device holds layers [0, {self.split}); cannot export [{start}, {stop})")
-        return {i: read_kv(self.session, i, self.backend.config) for i in range(start, stop)}
+        return self.session.export_kv(start, stop)
 
     def recut(self, split: int, joining: Mapping[int, KV] | None = None, log: ReplayLog | None = None) -> None:
-        """Move to [0, split) at the current position. Layers [old, split) must come in `joining` (KV) or
-        are replayed from `log`. Without KV access (a backend that hides its cache), everything replays."""
+        """Move to [0, split) at the current position: shared layers keep their KV, layers [old, split)
+        take `joining` or are replayed from `log`. A backend whose sessions cannot export/import KV
+        replays everything."""
         old, p = self.split, self.position
         new = self._open(split)
-        missing = [i for i in range(old, split) if not joining or i not in joining]
         if new is not None and p:
-            src, dst = (_cache(self.session) if self.session else None), _cache(new)
-            if dst is None or (old and src is None):
-                if log is None:
-                    raise ConfigError("this device backend hides its KV cache: a re-cut needs the replay log")
-                _replay(new, log, 0, split)
-            else:
-                filled = dict(joining or {})
+            try:
+                kv = dict(joining or {})
+                if min(old, split) > 0:
+                    kv.update(self.session.export_kv(0, min(old, split)))
+                missing = [i for i in range(split) if i not in kv]
                 if missing:
                     if log is None:
                         raise ConfigError(f"layers {missing} join the device without KV or a replay log")
-                    filled.update(replay_kv(self.backend, log, missing[0], split))
-                _copy_kv(self.session, new, min(old, split), filled, p, self.backend.config)
+                    kv.update(replay_kv(self.backend, log, missing[0], split))
+                new.import_kv(kv, p)
+            except NotImplementedError:
+                if log is None:
+                    raise ConfigError("this device backend cannot move KV: a re-cut needs the replay log") from None
+                new = self._open(split)
+                _replay(new, log, 0, split)
         self.session, self.split = new, split
-
-
-def _copy_kv(src: Session | None, dst: Session, shared: int, joining: Mapping[int, KV], position: int,
-             cfg) -> None:
-    """dst gets src's KV for layers [0, shared) and `joining`'s for the rest, at `position` tokens."""
-    import torch
-
-    d = _cache(dst)
-    with torch.no_grad():
-        if shared:
-            s = _cache(src)
-            d.keys[:shared, :position] = s.keys[:shared, :position, :d.keys.shape[2]]
-            d.values[:shared, :position] = s.values[:shared, :position, :d.values.shape[2]]
-        for layer, (k, v) in joining.items():
-            heads = _kv_heads(cfg, layer)
-            d.keys[layer, :position, :heads] = torch.from_numpy(np.ascontiguousarray(k[:position]))
-            d.values[layer, :position, :heads] = torch.from_numpy(np.ascontiguousarray(v[:position]))
-    d.length = position
-    dst.position = position
 
 
 def _replay(session: Session, log: ReplayLog, start: int, stop: int) -> None:
@@ -183,4 +144,4 @@ def replay_kv(backend: Backend, log: ReplayLog, start: int, stop: int) -> dict[i
     first = start if log.hidden_at(start) is not None and start > 0 else 0
     scratch = backend.open_session(LayerRange(first, stop, n), max_tokens=max(1, log.positions))
     _replay(scratch, log, first, stop)
-    return {i: read_kv(scratch, i, backend.config) for i in range(start, stop)}
+    return scratch.export_kv(start, stop)

@@ -40,9 +40,14 @@ class EmulatedSession(Session):
     def position(self, value: int) -> None:
         self.inner.position = value
 
-    @property
-    def cache(self):
-        return getattr(self.inner, "cache", None)
+    def read_kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.read_kv(layer)
+
+    def write_kv(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        self.inner.write_kv(layer, keys, values)
+
+    def _set_position(self, position: int) -> None:
+        self.inner._set_position(position)
 
     def board_ms(self, n_tokens: int, all_logits: bool) -> float:
         r = self.layers
