@@ -257,3 +257,17 @@ def test_compute_corrections_rescale_predictions():
         planner.observe_compute("server", before * planner.model.server_scale, 2 * before)
     after = split_cost(planner.model, NetworkEstimate.fixed(1, 100), 0).server_ms
     assert after == pytest.approx(2 * before, rel=0.02)
+
+
+def test_estimator_ignores_a_spike_and_follows_a_step_in_two_samples():
+    est = NetworkEstimator(EstimatorConfig(prior_rtt_ms=10.0))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        est.observe_rtt(float(rng.normal(0.010, 0.0005)))
+    est.observe_rtt(0.200)  # one spike (a retransmission, a GC pause): the mean does not move
+    assert est.estimate().rtt_ms == pytest.approx(10.0, abs=1.0)
+    for _ in range(10):  # the spike widened the deviation; normal samples narrow it again
+        est.observe_rtt(float(rng.normal(0.010, 0.0005)))
+    for sample in (0.100, 0.101):  # the link changed: two samples on the same side
+        est.observe_rtt(sample)
+    assert est.estimate().rtt_ms == pytest.approx(101.0, abs=1.0)
