@@ -76,3 +76,23 @@ def test_hidden_layers_beyond_the_model_are_rejected(tiny_path) -> None:
     recipe = parse_recipe({"name": "x", "passes": [{**DISTILL, "steps": 1, "hidden_layers": [5]}]}, "inline")
     with pytest.raises(ConfigError, match=r"hidden_layers \[5\] out of range; the model has layers 0-1"):
         run_recipe(CompressState(model=load_model(tiny_path), plan=CompressionPlan()), recipe)
+
+
+def test_trace_matches_the_reference_and_backpropagates_with_per_layer_kv_heads(tiny_path) -> None:
+    import torch
+
+    from edgellm.model.llama import LlamaModel
+    from edgellm.runtime.registry import create_backend
+    from tests.test_structured_prune import DEAD_FRACTION, _prune, _with_dead_structures
+
+    state, _ = _prune(_with_dead_structures(tiny_path), sparsity=DEAD_FRACTION)
+    assert state.model.config.layer_n_kv_heads == (1, 2)
+    ids = np.arange(30, 90)
+    student = LlamaModel(state.model)
+    for t in student.layers[0].values():
+        t.requires_grad_(True)
+    logits, hidden = student.trace(torch.as_tensor(ids), (0, 1))
+    expected = create_backend("reference", state.model).open_session().forward(ids, all_logits=True)
+    assert np.abs(logits.detach().numpy() - expected).max() < 1e-4 and set(hidden) == {0, 1}
+    (logits.pow(2).mean() + hidden[0].pow(2).mean()).backward()
+    assert all(t.grad is not None and bool(t.grad.abs().sum() > 0) for t in student.layers[0].values())

@@ -97,10 +97,11 @@ class LlamaModel(torch.nn.Module):
         `layers`; differentiable (no torch.no_grad), for training passes such as distillation."""
         t = token_ids.shape[0]
         cos, sin = self.rope_tables(torch.arange(t))
-        cache = KVCache.allocate(self.config, 0, self.config.n_layers, t, self.dtype)
         hidden, kept = self.embed(token_ids), {}
         for i in range(self.config.n_layers):
-            hidden = self._block(i, hidden, cache, i, 0, cos, sin)
+            # one cache per layer: autograd must not see a later layer's in-place write into a shared buffer
+            cache = KVCache.allocate(self.config, i, i + 1, t, self.dtype)
+            hidden = self._block(i, hidden, cache, 0, 0, cos, sin)
             if i in layers:
                 kept[i] = hidden
         return self.head(hidden), kept
