@@ -171,8 +171,11 @@ class Bench:
             records = gen.last_records
         decode = [r for r in records if r.position >= len(self.prompt)]
         energy = statistics.mean(r.energy_mj for r in decode) if decode else float("nan")
+        faults = [r.fault for r in records if r.fault]
+        if split is not None and split < self.n_layers and any(r.split != split for r in records):
+            faults.append(f"static split {split} ran elsewhere (server unreachable)")
         return Run(tokens, gaps, ttft, energy, [r.split for r in records], [r.move for r in records if r.move],
-                   [r.fault for r in records if r.fault])
+                   faults)
 
     def predicted_ms(self, server_profile, rtt_ms: float, mbps: float) -> dict[int, float]:
         """The planner's model of one decode token at every split, for the true link (validation)."""
@@ -244,6 +247,7 @@ def _point(bench: Bench, rtt: float, mbps: float, local: Run, static: dict[int, 
                                 "adaptive": adaptive.energy_mj_per_token},
         "tokens_measured": {k: len(r.tokens) for k, r in static.items()} | {"adaptive": len(adaptive.tokens)},
         "identical_tokens": all(same(r) for r in [*static.values(), adaptive]),
+        "faults": sum(len(r.faults) for r in [*static.values(), adaptive]),  # a fault voids the point's timings
     }
 
 
@@ -289,6 +293,7 @@ def drop_run(bench: Bench, url: str, proxy, base_rtt_ms: float, server_profile, 
         "cloud": {"gaps_ms": cloud.gaps_ms}, "local": {"gaps_ms": local.gaps_ms},
         "identical_tokens": all(r.tokens[:min(len(r.tokens), len(local.tokens))] ==
                                 local.tokens[:min(len(r.tokens), len(local.tokens))] for r in (adaptive, cloud)),
+        "faults": len(adaptive.faults) + len(cloud.faults),
     }
 
 
@@ -312,7 +317,7 @@ def run_sweep(config: SweepConfig, out: Path) -> dict:
     from edgellm.bench.speed import machine_tag
     from edgellm.offload.client import CloudClient
     from edgellm.offload.profile import server_profile
-    from edgellm.offload.shaping_proxy import ShapingProxy
+    from edgellm.offload.shaping_proxy import ProxyLimits, ShapingProxy
 
     t_start = time.monotonic()
     deadline = t_start + 60 * config.max_minutes
@@ -323,8 +328,11 @@ def run_sweep(config: SweepConfig, out: Path) -> dict:
     with ServerProcess(config.model, TOKEN, threads=config.server_threads) as server:
         with CloudClient(server.url, TOKEN) as client:
             profile = server_profile(client.capabilities())
+        if getattr(bench.model.config, "uniform", True):
+            profile = profile.layer_median()  # as the generator plans with it
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
-        with ShapingProxy(host, int(port)) as proxy, tqdm(total=1 + 5 * points_total + 3, desc="offload sweep",
+        limits = ProxyLimits(lifetime_s=60 * config.max_minutes + 3600)  # outlive the whole sweep
+        with ShapingProxy(host, int(port), limits=limits) as proxy, tqdm(total=1 + 5 * points_total + 3, desc="offload sweep",
                                                           unit="run") as progress:
             base = _base_rtt_ms(proxy.url)
             result.update(base_rtt_ms=base, device_profile=asdict(bench.device_profile),
@@ -351,6 +359,7 @@ def summarize(result: dict) -> dict:
         "worst_point": worst and {"rtt_ms": worst["rtt_ms"], "bandwidth_mbps": worst["bandwidth_mbps"]},
         "model_picked_measured_best": sum(p["model_best_split"] == p["best_static_split"] for p in points),
         "all_identical": all(p["identical_tokens"] for p in points) and result["drop"]["identical_tokens"],
+        "faults": sum(p["faults"] for p in points) + result["drop"]["faults"],
         "drop_tokens_to_converge": result["drop"]["tokens_to_converge"],
         "load_errors": result["load"]["errors"],
     }
@@ -371,7 +380,8 @@ def format_markdown(result: dict) -> str:
         f"{s['adaptive_within_10pct_end_to_end']}/{s['points']} end to end (prefill + decode per token, what the "
         f"planner minimises); the cost model picked the measured "
         f"best split at {s['model_picked_measured_best']}/{s['points']}; tokens identical to all-local: "
-        f"{s['all_identical']}; after the drop the adaptive run settled in {s['drop_tokens_to_converge']} tokens."),
+        f"{s['all_identical']}; after the drop the adaptive run settled in {s['drop_tokens_to_converge']} tokens; "
+        f"faults (server lost, timings void): {s['faults']}."),
         "",
         ("| RTT ms | Mbit/s | local ms/tok | cloud ms/tok | best static (K) | adaptive ms/tok | adaptive/best | "
         "adaptive splits | energy mJ/tok local / best / adaptive |"),

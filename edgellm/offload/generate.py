@@ -93,10 +93,11 @@ class StepRecord:
 class Endpoint:
     """One server URL: its client, its own network estimate and prober, its profile, and its health."""
 
-    def __init__(self, url: str, token: str | None, config: OffloadConfig, fallback_profile: LayerProfile) -> None:
+    def __init__(self, url: str, token: str | None, config: OffloadConfig, fallback_profile: LayerProfile,
+                 uniform_layers: bool = False) -> None:
         from edgellm.offload.client import CloudClient
 
-        self.url, self.fallback_profile = url, fallback_profile
+        self.url, self.fallback_profile, self.uniform_layers = url, fallback_profile, uniform_layers
         self.client = with_nodelay(CloudClient(url, token, timeout_s=config.timeout_s, dtype=config.dtype))
         self._probe_client = with_nodelay(CloudClient(url, token, timeout_s=min(config.timeout_s, 2.0), dtype=config.dtype))
         self.estimator = NetworkEstimator(config.estimator)
@@ -120,6 +121,8 @@ class Endpoint:
             return False
         if caps.get("profile"):
             self.profile = server_profile(caps)
+            if self.uniform_layers:  # one short start-up run per layer: smooth what must be equal
+                self.profile = self.profile.layer_median()
         else:
             log.warning("%s publishes no per-layer profile; planning as if it were as fast as this device", self.url)
             self.profile = self.fallback_profile
@@ -211,7 +214,8 @@ class OffloadedGenerator:
                                                                 profile_label)
         self.energy = energy
         self.sizes = ActivationSizes.from_config(backend.config)
-        self.endpoints = [Endpoint(u, token, config, self.device_profile) for u in urls]
+        uniform = bool(getattr(backend.config, "uniform", True))  # False for structurally pruned models
+        self.endpoints = [Endpoint(u, token, config, self.device_profile, uniform) for u in urls]
         self._planners: dict[str, Planner] = {}
         self._started = False
         self.last_records: list[StepRecord] = []

@@ -64,6 +64,14 @@ class LayerProfile:
         per = self.layer_ms_prefill_per_token if prefill else self.layer_ms_decode
         return float(sum(per[start:stop])) * n_tokens
 
+    def layer_median(self) -> LayerProfile:
+        """Every layer at the median over layers: for a model whose layers have one shape, where timings
+        of single layers from one short run on a shared host scatter by several x."""
+        n = self.n_layers
+        return LayerProfile((float(np.median(self.layer_ms_decode)),) * n,
+                            (float(np.median(self.layer_ms_prefill_per_token)),) * n, self.head_ms,
+                            f"{self.source}, median layer")
+
     def scaled(self, factor: float) -> LayerProfile:
         """Every timing x factor (a live correction from measured server times, or an emulated board)."""
         return LayerProfile(tuple(v * factor for v in self.layer_ms_decode),
