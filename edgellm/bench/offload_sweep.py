@@ -440,6 +440,7 @@ def _atomic(path: Path, write: Callable[[Any], None], binary: bool = False) -> N
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
