@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from edgellm.errors import ConfigError
+from edgellm.errors import ConfigError, EdgeLLMError
 
 TOKEN_ENV = "EDGELLM_TOKEN"
 
@@ -78,9 +78,15 @@ def generate_offloaded(args: argparse.Namespace, model: Any, tokenizer: Any, pro
     if not backend.supports_layer_ranges:
         raise ConfigError(f"--offload needs a backend that runs layer ranges; {name!r} runs only the whole model "
                           "(use --backend reference)")
+    try:
+        energy = energy_model(args.offload_target)
+    except EdgeLLMError:
+        if args.objective == "energy":
+            raise
+        energy = None  # latency planning needs no power model (e.g. an install without targets/)
     sha = model_sha256(model)
     generator = OffloadedGenerator(backend, list(args.offload), os.environ.get(TOKEN_ENV) or None,
-                                   model_sha256=sha, config=offload_config(args),
-                                   energy=energy_model(args.offload_target), profile_label=sha[:16])
+                                   model_sha256=sha, config=offload_config(args), energy=energy,
+                                   profile_label=sha[:16])
     with generator:
         yield from generator.generate(tokenizer, prompt_ids, config)
