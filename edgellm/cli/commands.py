@@ -144,13 +144,19 @@ def generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(args.prompt)
     gen = _generation_config(args)
-    backend = _backend(args, model)
-    session = backend.open_session(max_tokens=min(model.config.context_length,
-                                                  len(prompt_ids) + gen.max_new_tokens))
+    if args.offload:
+        from edgellm.cli.offload_command import generate_offloaded
+
+        events = generate_offloaded(args, model, tok, prompt_ids, gen)
+    else:
+        backend = _backend(args, model)
+        session = backend.open_session(max_tokens=min(model.config.context_length,
+                                                      len(prompt_ids) + gen.max_new_tokens))
+        events = run(session, tok, prompt_ids, gen)
     tokens: list[int] = []
     pieces: list[str] = []
     finish = "length"
-    for event in run(session, tok, prompt_ids, gen):
+    for event in events:
         tokens.append(event.token_id)
         pieces.append(event.text)
         finish = event.finish_reason or finish

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON with tokens and text instead of streaming")
     _add_sampling(p)
     _add_backend(p)
+    from edgellm.cli.offload_command import add_offload_args
+
+    add_offload_args(p)  # --offload URL [--offload URL2] [--objective latency|energy] [--offload-split K] ...
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
     _add_model(p)
