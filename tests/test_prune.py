@@ -191,3 +191,12 @@ def test_prune_pass_writes_a_compressed_dir_that_reloads_and_exports(tmp_path, m
     ref = create_backend("reference", eff).open_session().forward(ids, all_logits=True)
     got = create_backend("onnxruntime", load_model(art)).open_session().forward(ids, all_logits=True)
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max(), "ORT (int8 activations) far from the reference"
+
+
+@pytest.mark.parametrize("name, first", [("wanda-2to4-int8", "prune"), ("sparsegpt-50-int4", "prune"),
+                                         ("structured-20-kd-int4", "prune_structured")])
+def test_shipped_pruning_recipes_parse(name, first) -> None:
+    from edgellm.compress.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    assert recipe.passes[0].name == first and recipe.passes[-1].name == "quantize"

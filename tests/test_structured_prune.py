@@ -52,11 +52,12 @@ def _logits(model, ids=IDS):
     return create_backend("reference", model).open_session().forward(ids, all_logits=True)
 
 
-@pytest.mark.parametrize("refit", [False, True])
-def test_removing_dead_heads_and_channels_is_exact(tiny_path, refit) -> None:
+@pytest.mark.parametrize("importance, refit", [("energy", False), ("energy", True), ("fisher", True)])
+def test_removing_dead_heads_and_channels_is_exact(tiny_path, importance, refit) -> None:
     dense = _with_dead_structures(tiny_path)
     expected = _logits(dense)
-    state, _ = _prune(_with_dead_structures(tiny_path), sparsity=DEAD_FRACTION, refit=refit, refit_damp=0.0)
+    state, _ = _prune(_with_dead_structures(tiny_path), sparsity=DEAD_FRACTION, refit=refit, refit_damp=0.0,
+                      importance=importance)
     cfg = state.model.config
     assert cfg.layer_n_heads == (2, 4) and cfg.layer_n_kv_heads == (1, 2) and cfg.layer_ffn_sizes == (128, 64)
     w = state.model.weights

@@ -7,14 +7,20 @@ counts and FFN sizes then differ, so the model config records them (`layer_n_hea
 
 Importance of a structure, two estimates:
 
-  importance = "fisher"  (default; Kwon et al. 2022, "A Fast Post-Training Pruning Framework for
+  importance = "fisher"  (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for
       Transformers") a gate m multiplies each query head's and FFN channel's output (LlamaModel.gates);
       the loss increase of removing structure S is ~ 1/2 sum_windows (d NLL_window / d m_S)^2 on
       calibration text (a KV group's gradient is the sum of its query heads'). In loss units, so
       structures of different layers and kinds compare directly.
-  importance = "energy"  what the structure adds to the residual stream, relative to the stream entering
-      the layer:  FFN channel j: sum_t a_tj^2 ||W_down[:, j]||^2 / sum_t ||x_t||^2, KV group g:
-      ||O[:, cols_g] W_o[:, cols_g]^T||_F^2 / sum_t ||x_t||^2  (a = silu(gate) * up, O = attention output).
+  importance = "energy"  (default) what the structure adds to the residual stream, relative to the
+      stream entering the layer: FFN channel j: sum_t a_tj^2 ||W_down[:, j]||^2 / sum_t ||x_t||^2,
+      KV group g: ||O[:, cols_g] W_o[:, cols_g]^T||_F^2 / sum_t ||x_t||^2  (a = silu(gate) * up,
+      O = the attention output before o_proj).
+
+  Measured on SmolLM2-135M, global allocation, refit on: at 20 % of the layers' weights, validation
+  perplexity (asyoulik.txt tail, dense 36.5) energy 47.7, fisher 48.8, fisher without refit 50.4,
+  fisher with uniform layer ratios 57.5, fisher with OWL ratios 58.3; at 20 % of the model, alice29
+  perplexity (dense 22.70) energy 53.5, fisher 56.6. Energy is also ~2x cheaper to compute.
 
 Structures are removed cheapest first by importance per parameter until the target is gone: `sparsity`
 of all the model's parameters (`of = "model"`, the convention of LLM-Pruner and FLAP; the embedding is
@@ -74,7 +80,7 @@ class StructuredParams:
     sparsity: float = 0.2
     of: str = "model"  # "model": of all parameters (embedding included, never pruned); "layers": of layer linears
     allocation: str = "global"
-    importance: str = "fisher"
+    importance: str = "energy"
     fisher_window: int = 128  # tokens per window: one squared gradient per window
     heads: bool = True  # allow removing KV groups (else FFN channels only)
     ffn_multiple: int = 32
