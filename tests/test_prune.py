@@ -200,3 +200,23 @@ def test_shipped_pruning_recipes_parse(name, first) -> None:
 
     recipe = load_recipe(name)
     assert recipe.passes[0].name == first and recipe.passes[-1].name == "quantize"
+
+
+def test_compressing_a_compressed_dir_keeps_its_pruned_weights(tmp_path) -> None:
+    from edgellm.compress.passes import CompressState
+    from edgellm.compress.pipeline import load_compressed, run_recipe, write_compressed
+    from edgellm.compress.plan import CompressionPlan
+    from edgellm.model.loader import load_model
+    from tests.tiny_gguf import write_tiny_gguf
+
+    first = parse_recipe({"name": "a", "passes": [{"pass": "prune", "method": "magnitude", "sparsity": 0.5}]}, "x")
+    state = run_recipe(CompressState(model=load_model(write_tiny_gguf(tmp_path / "t.gguf")),
+                                     plan=CompressionPlan()), first)
+    a = write_compressed(state, first, tmp_path / "a")
+    second = parse_recipe({"name": "b", "passes": [{"pass": "quantize", "format": "int8"}]}, "x")
+    b = write_compressed(run_recipe(CompressState(model=load_model(a), plan=CompressionPlan()), second),
+                         second, tmp_path / "b")
+    reloaded = load_compressed(b)
+    assert reloaded.metadata["compressed"]["based_on"]["recipe"]["name"] == "a"
+    np.testing.assert_array_equal(reloaded.weights.float("blk.1.attn_v.weight"),
+                                  state.model.weights.float("blk.1.attn_v.weight"))

@@ -51,6 +51,9 @@ def write_compressed(state: CompressState, recipe: Recipe, out_dir: str | Path, 
         "plan": state.plan.to_dict(),
         "report": state.report,
     }
+    earlier = state.model.metadata.get("compressed")
+    if isinstance(earlier, dict):  # compressed from a compressed directory: keep the chain of recipes
+        manifest["based_on"] = {k: earlier.get(k) for k in ("recipe", "report", "based_on") if k in earlier}
     cfg = state.model.config
     if not cfg.uniform:
         manifest["layer_shapes"] = {k: list(getattr(cfg, k)) for k in LAYER_SHAPE_FIELDS}
@@ -60,7 +63,9 @@ def write_compressed(state: CompressState, recipe: Recipe, out_dir: str | Path, 
         (tmp / "plan.json").write_text(json.dumps(state.plan.to_dict(), indent=2))
         weights = state.model.weights
         quantized = {n: t.blocks for n, t in weights.items() if t.qtype == "BLOCKQ"}
-        floats = {n: weights.float(n) for n in sorted(state.rewritten) if n in weights and n not in quantized}
+        # rewritten here, or by the recipe that made the compressed directory this model was loaded from
+        changed = state.rewritten | set(state.model.metadata.get("rewritten", ()))
+        floats = {n: weights.float(n) for n in sorted(changed) if n in weights and n not in quantized}
         if quantized or floats:
             _save_blocks(quantized, tmp / WEIGHTS_FILE, floats)
             manifest["weights"] = {"file": WEIGHTS_FILE, "tensors": sorted(quantized),
@@ -141,6 +146,7 @@ def _load_blocks(directory: Path, info: dict, model: ModelDescription, label: st
                 raise ModelFormatError(f"{path}: float tensor {name} is missing or does not match the model "
                                        f"(expected shape {expected.get(name)})")
             model.weights.replace(name, WeightTensor.from_array(name, data[f"{name}|f32"]))
+            model.metadata.setdefault("rewritten", set()).add(name)
         for name in info["tensors"]:
             try:
                 n, k, bits, block, zp = (int(v) for v in data[f"{name}|meta"])
@@ -153,3 +159,4 @@ def _load_blocks(directory: Path, info: dict, model: ModelDescription, label: st
                 raise ModelFormatError(f"{path}: tensor {name} does not match the model (expected shape "
                                        f"{expected.get(name)}, found {(n, k)})")
             model.weights.replace(name, WeightTensor.from_blocks(name, b))
+            model.metadata.setdefault("rewritten", set()).add(name)
