@@ -135,15 +135,18 @@ def _cache_root() -> Path:
 
 
 def cache_key(entry: Entry, ctx: Context) -> str:
-    from edgellm.compress.recipe import RECIPES_DIR
+    """A row's identity: the entry, the recipe as parsed (passes, parameters, seed; not its comments), the
+    source model and the evaluation settings. Not the commit: unrelated changes keep rows cached."""
+    from edgellm.compress.recipe import load_recipe
 
-    recipe_text = ""
+    recipe = None
     if entry.kind == "recipe":
-        recipe_text = (RECIPES_DIR / f"{entry.spec[0]}.toml").read_text()
-    data = {"v": CACHE_VERSION, "kind": entry.kind, "spec": list(entry.spec), "recipe": recipe_text,
+        r = load_recipe(entry.spec[0])
+        recipe = {"seed": r.seed, "passes": [{"pass": p.name, **asdict(p.params)} for p in r.passes]}
+    data = {"v": CACHE_VERSION, "kind": entry.kind, "spec": list(entry.spec), "recipe": recipe,
             "source": [str(ctx.source), ctx.source.stat().st_size], "text": EVAL_TEXT, "tokens": len(ctx.ids),
             "window": ctx.window, "threads": ctx.threads}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:20]
 
 
 # ---- edgellm rows ---------------------------------------------------------------------------------------
