@@ -174,17 +174,17 @@ def test_kv_cache_is_bound_in_place(exports):
     """Past and present share one preallocated buffer per layer: no per-token reallocation or copy."""
     backend = ort_backend(exports["exact"][0])
     s = backend.open_session(max_tokens=32)
-    ptrs = [buf.data_ptr() for buf in s._cache]
+    ptrs = [buf.data_ptr() for buf in s._cache.values()]
     s.forward(np.arange(100, 110))
     for t in range(5):
         s.forward(np.array([200 + t]))
-    assert [buf.data_ptr() for buf in s._cache] == ptrs
+    assert [buf.data_ptr() for buf in s._cache.values()] == ptrs
     outs = s.binding.get_outputs()
     assert {o.data_ptr() for o in outs[1:]} == set(ptrs)  # present.* outputs are the past buffers
     # the appended keys are the ones a one-shot prefill of the same 15 tokens writes
     s2 = backend.open_session(max_tokens=32)
     s2.forward(np.concatenate([np.arange(100, 110), 200 + np.arange(5)]))
-    for mine, theirs in zip(s._cache, s2._cache, strict=True):
+    for mine, theirs in zip(s._cache.values(), s2._cache.values(), strict=True):
         np.testing.assert_allclose(mine.numpy()[0, :, :15], theirs.numpy()[0, :, :15], atol=1e-3)
 
 

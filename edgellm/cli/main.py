@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from edgellm import __version__
+from edgellm.cli.arg_types import bounded
 from edgellm.errors import EdgeLLMError
 
 MODEL_HELP = "model: a .gguf file, a Hugging Face directory, or a model id (default: smollm2-135m-instruct)"
@@ -19,14 +20,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"edgellm: error: {self.prog}: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
-    return value
+_positive_int = bounded(int, "a positive integer", low=1)
 
 
 def _non_negative_int(text: str) -> int:

@@ -11,29 +11,14 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from edgellm.cli.arg_types import bounded
 from edgellm.errors import ConfigError, EdgeLLMError
 
 TOKEN_ENV = "EDGELLM_TOKEN"
 
 
-def _split(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a layer index >= 0, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a layer index >= 0, found {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, found {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, found {value}")
-    return value
+_split = bounded(int, "a layer index >= 0", low=0)
+_seconds = bounded(float, "seconds > 0", low=0, low_open=True)
 
 
 def add_offload_args(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from edgellm.cli.arg_types import bounded
 from edgellm.errors import ConfigError, missing_extra
 
 MiB = 1 << 20
@@ -18,26 +19,10 @@ TOKEN_ENV = "EDGELLM_TOKEN"
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, found {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, found {text}")
-        return value
-
-    return parse
+    return bounded(kind, f"a positive {kind.__name__}", low=0, low_open=True)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, found {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535 (0 = any free port), found {value}")
-    return value
+_port = bounded(int, "a port in 0..65535 (0 = any free port)", low=0, high=65535)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
