@@ -88,7 +88,8 @@ class ModelConfig:
                                   f"or be empty, found {values!r:.80}")
             if any(type(v) is not int or v <= 0 for v in values):
                 raise ConfigError(f"model config field {key} must hold positive integers, found {values!r:.80}")
-        for i in range(self.n_layers):
+        # Uniform models check once: a corrupt layer count (billions) must not cost a loop here.
+        for i in range(self.n_layers) if (self.layer_n_heads or self.layer_n_kv_heads) else (0,):
             if self.n_heads_at(i) % self.n_kv_heads_at(i):
                 raise ConfigError(f"layer {i}: n_heads {self.n_heads_at(i)} is not a multiple of "
                                   f"n_kv_heads {self.n_kv_heads_at(i)}")
