@@ -568,7 +568,7 @@ def test_serve_cloud_refuses_to_start_without_a_token(monkeypatch, capsys):
         parser.parse_args(["serve-cloud", "--port", "70000"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "port must be in 0..65535" in err
+    assert err.count("\n") == 1 and "expected a port in 0..65535" in err
 
 
 def test_settings_are_validated():
