@@ -93,14 +93,15 @@ def _obq_reference(w: np.ndarray, x: np.ndarray, bits: int, block_size: int, sym
     for j in order:
         remaining.remove(j)
         b = j // block_size
-        if b not in grid:  # spec: scale (and min) from the block's current weights, in float32
+        if b not in grid:  # spec: scale (and min) from the block's current weights, as fp16 values
             cur = w[:, b * block_size:(b + 1) * block_size].astype(np.float32)
+            f16 = lambda v: np.asarray(v, np.float32).astype(np.float16).astype(np.float32)  # noqa: E731
             if symmetric:
                 amax = np.abs(cur).max(1)
-                grid[b] = (np.where(amax > 0, amax / (zero - 1), 1).astype(np.float32), np.zeros(len(w), np.float32))
+                grid[b] = (f16(np.where(amax > 0, amax / (zero - 1), 1)), np.zeros(len(w), np.float32))
             else:
-                lo, hi = cur.min(1), cur.max(1)
-                grid[b] = (np.where(hi > lo, (hi - lo) / qmax, 1).astype(np.float32), lo)
+                lo, hi = f16(cur.min(1)), cur.max(1)
+                grid[b] = (f16(np.where(hi > lo, (hi - lo) / qmax, 1)), lo)
         scale, lo = grid[b]
         col = w[:, j].astype(np.float32)
         if symmetric:

@@ -35,18 +35,22 @@ def test_three_bit_pack_matches_a_bitwise_oracle_and_round_trips():
 
 def _oracle_rtn(w: np.ndarray, bits: int, group: int, symmetric: bool) -> np.ndarray:
     """Textbook group-wise RTN in float64: symmetric levels -(2^(b-1)-1)..2^(b-1)-1 times amax/(2^(b-1)-1);
-    asymmetric 0..2^b-1 levels from the group minimum with step (max-min)/(2^b-1)."""
+    asymmetric 0..2^b-1 levels from the group minimum with step (max-min)/(2^b-1); step and minimum
+    rounded to the nearest fp16 value (what a file stores, as in GGUF)."""
     n, k = w.shape
     g = w.reshape(n, k // group, group).astype(np.float64)
     if symmetric:
         half = 2 ** (bits - 1) - 1
         step = np.abs(g).max(-1, keepdims=True) / half
         step[step == 0] = 1.0
+        step = step.astype(np.float16).astype(np.float64)
         out = np.clip(np.round(g / step), -half, half) * step
     else:
         lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+        lo = lo.astype(np.float16).astype(np.float64)
         step = (hi - lo) / (2**bits - 1)
         step[step == 0] = 1.0
+        step = step.astype(np.float16).astype(np.float64)
         out = np.clip(np.round((g - lo) / step), 0, 2**bits - 1) * step + lo
     return out.reshape(n, k)
 
@@ -67,7 +71,8 @@ def test_three_bit_rtn_matches_the_numpy_oracle(fmt: str):
     err = np.abs(deq - w).reshape(16, -1, spec.group)
     half_step = (np.abs(w).reshape(16, -1, spec.group).max(-1) / 3 if spec.symmetric else
                  np.ptp(w.reshape(16, -1, spec.group), axis=-1) / 7) / 2
-    assert (err.max(-1) <= half_step * (1 + 1e-5) + 1e-7).all(), f"{fmt}: an error exceeds half a step"
+    # fp16 step/minimum: a value at the group's edge may sit up to ~levels * 2^-11 steps beyond half a step
+    assert (err.max(-1) <= half_step * (1 + 2e-2) + 1e-7).all(), f"{fmt}: an error exceeds half a step"
     assert len(np.unique(unpack(bq.packed, 3))) <= 8
     # true packed size: 3 bits per weight + fp32 scales (+ fp32 offsets when asymmetric) per group
     groups = w.size // spec.group

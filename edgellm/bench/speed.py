@@ -139,16 +139,25 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
     return result
 
 
+def add_ratios(result: dict, label: str, against: list[str]) -> None:
+    """Also report `label` against each engine in `against` (e.g. a pruned export against the dense one)."""
+    ours = result["engines"][label]
+    for other in against:
+        base = result["engines"][other]
+        result.setdefault("ratios", {})[f"{label}/{other}"] = {
+            m: ours[m] / base[m] for m in (*METRICS, "file_mb", "ppl") if m in ours and base.get(m)}
+
+
 def format_table(result: dict) -> str:
-    """A markdown table: one row per metric, one column per engine, then the ratio."""
+    """A markdown table: one row per metric, one column per engine, then one column per ratio."""
     labels = list(result["engines"])
-    rows = ["| metric | " + " | ".join(labels) + (" | ratio |" if "ratios" in result else " |"),
-            "|---|" + "---|" * len(labels) + ("---|" if "ratios" in result else "")]
-    ratios = next(iter(result.get("ratios", {}).values()), {})
+    ratios = result.get("ratios", {})
+    rows = ["| metric | " + " | ".join(labels) + " |" + "".join(f" {r} |" for r in ratios),
+            "|---|" + "---|" * (len(labels) + len(ratios))]
     for m in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "file_mb", "load_s", "ppl"):
         if not all(m in result["engines"][lb] for lb in labels):
             continue
         cells = [f"{result['engines'][lb][m]:.2f}" for lb in labels]
-        ratio = f" {ratios[m]:.2f}x |" if m in ratios else (" |" if ratios else "")
-        rows.append(f"| {m} | " + " | ".join(cells) + " |" + ratio)
+        extra = "".join(f" {r[m]:.2f}x |" if m in r else " |" for r in ratios.values())
+        rows.append(f"| {m} | " + " | ".join(cells) + " |" + extra)
     return "\n".join(rows)

@@ -242,7 +242,7 @@ def export(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from edgellm.bench.speed import BenchConfig, Engine, format_table, run_bench
+    from edgellm.bench.speed import BenchConfig, Engine, add_ratios, format_table, run_bench
     from edgellm.export.onnx_export import export_onnx
     from edgellm.model.loader import load_model
 
@@ -264,6 +264,12 @@ def bench(args: argparse.Namespace) -> int:
             art_dir = export_onnx(model, Path(tmp) / "onnx", _plan(args, model), progress=True)
         art_files = tuple(p for p in art_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
         engines = [Engine("edgellm-ort", "onnxruntime", str(art_dir), art_files)]
+        for extra in args.also:
+            extra_dir = Path(extra)
+            if not (extra_dir / "model.onnx").is_file():
+                raise ConfigError(f"--also {extra}: not an ONNX export directory (no model.onnx)")
+            files = tuple(p for p in extra_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+            engines.append(Engine(f"ort:{extra_dir.name}", "onnxruntime", str(extra_dir), files))
         if args.vs == "llama.cpp":
             engines.append(Engine("llama.cpp", "llama.cpp", str(gguf), (gguf,)))
         tok = _tokenizer(load_model(art_dir))
@@ -280,6 +286,7 @@ def bench(args: argparse.Namespace) -> int:
 
         result = run_bench(engines, tok, config, ppl_fn=ppl if config.ppl_tokens else None,
                            log=lambda s: print(s, file=sys.stderr))
+        add_ratios(result, "edgellm-ort", [e.label for e in engines[1:] if e.label.startswith("ort:")])
     print(format_table(result))
     if args.json:
         out = Path(args.json)
@@ -302,10 +309,15 @@ def compress(args: argparse.Namespace) -> int:
     state = CompressState(model=model, plan=CompressionPlan(), seed=recipe.seed, progress=True,
                           cache_dir=Path(args.cache_dir) if args.cache_dir else _default_cache())
     if args.budget_mb is not None:
-        state.budget_bytes = int(args.budget_mb * 2**20) - _fixed_bytes(model.config)
-        if state.budget_bytes <= 0:
+        from edgellm.compress.rtn import head_bytes, other_bytes
+
+        fixed = other_bytes(model)
+        state.budget_bytes = int(args.budget_mb * 2**20) - fixed
+        heads = [f for s in recipe.passes if s.name == "allocate" for f in s.params.head_formats]
+        smallest = fixed - max((head_bytes(model, "auto") - head_bytes(model, f) for f in heads), default=0)
+        if int(args.budget_mb * 2**20) <= smallest:
             raise ConfigError(f"--budget-mb {args.budget_mb} does not even hold the embedding and lm_head "
-                              f"({_fixed_bytes(model.config) / 2**20:.1f} MB)")
+                              f"({smallest / 2**20:.1f} MB)")
     if args.target is not None:
         _attach_target(state, args)
     elif args.budget_ms_per_token is not None:
@@ -326,14 +338,6 @@ def _default_cache() -> Path:
     import os
 
     return Path(os.environ.get("EDGELLM_CACHE") or Path.home() / ".cache" / "edgellm") / "sensitivity"
-
-
-def _fixed_bytes(cfg) -> int:
-    """What every plan keeps: Q8_0 embedding gather + 8-bit lm_head, rope tables, norms."""
-    from edgellm.compress.units import format_bytes
-
-    q8 = format_bytes("int8", cfg.hidden_size, cfg.vocab_size)
-    return 2 * q8 + 2 * cfg.context_length * cfg.head_dim // 2 * 4 + (2 * cfg.n_layers + 1) * cfg.hidden_size * 4
 
 
 def _attach_target(state, args) -> None:

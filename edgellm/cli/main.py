@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="a recipe TOML file or a name in models/recipes/")
     p.add_argument("--target", default=None, help="a targets/ entry whose measured costs drive the allocator")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-mb", type=float, default=None, help="model size budget in MB (whole export)")
+    budget.add_argument("--budget-mb", type=float, default=None, help="model size budget in MiB: the compressed model as a file (codes + fp16 scales, as GGUF; embedding counted once)")
     budget.add_argument("--budget-ms-per-token", type=float, default=None,
                         help="decode latency budget on --target, ms per token")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="compressed model directory")
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed, memory and perplexity beside llama.cpp (same model, threads, prompt)")
     _add_model(p)
     p.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"], help="comparison engine")
+    p.add_argument("--also", action="append", default=[], metavar="DIR",
+                   help="another ONNX export timed in the same interleaved rounds (repeatable), e.g. the dense "
+                        "model beside a pruned one; ratios are reported against it too")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--plan", default=None, help="export plan when MODEL is not already an export")
     p.add_argument("--n-prompt", type=_positive_int, default=128, help="prompt tokens (prefill)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgellm.errors import ConfigError
-from edgellm.export.block_formats import BlockQuantized, pack
+from edgellm.export.block_formats import BlockQuantized, pack, rtn_grid
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +152,11 @@ def _current_columns(w: np.ndarray, upper: np.ndarray, errors: np.ndarray, start
 
 
 def _block_grid(block: np.ndarray, bits: int, symmetric: bool) -> _BlockGrid:
-    """quantize_rtn's scale rule, in float32 as it computes it, so both paths share one grid definition."""
-    b = block.astype(np.float32)  # (N, block)
-    zero, qmax = 1 << (bits - 1), (1 << bits) - 1
-    if symmetric:
-        amax = np.abs(b).max(-1)
-        return _BlockGrid(np.where(amax > 0, amax / (zero - 1), 1.0).astype(np.float32), None, None)
-    lo, hi = b.min(-1), b.max(-1)
-    scales = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
-    return _BlockGrid(scales, lo, (lo + zero * scales).astype(np.float32))
+    """quantize_rtn's grid (block_formats.rtn_grid), so both paths share one definition."""
+    scales, lo = rtn_grid(block.astype(np.float32), bits, symmetric)
+    if lo is None:
+        return _BlockGrid(scales, None, None)
+    return _BlockGrid(scales, lo, (lo + (1 << (bits - 1)) * scales).astype(np.float32))
 
 
 def _quantize_column(col: np.ndarray, grid: _BlockGrid, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:

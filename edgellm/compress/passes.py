@@ -62,13 +62,20 @@ class AllocateParams:
     window: int = 256
     solver: str = "milp"  # "milp" (exact), "dp" (exact, size budgets), "rl" (HAQ's DDPG search)
     episodes: int = 300  # rl only
+    # the lm_head tensor (tied: the embedding too): "auto" keeps the source's; each other format is tried
+    # with the bytes it frees given to the linears, and the lowest predicted loss wins (size budgets)
+    head_formats: tuple[str, ...] = ("auto",)
 
     def __post_init__(self) -> None:
+        from edgellm.compress.plan import QUANT_FORMATS
         from edgellm.compress.solvers import SOLVERS
 
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats {bad or '(empty)'} invalid; valid: {', '.join(FORMATS)}")
+        bad = [f for f in self.head_formats if f != "auto" and f not in QUANT_FORMATS]
+        if bad or not self.head_formats:
+            raise ValueError(f"head_formats {bad or '(empty)'} invalid; valid: auto, {', '.join(QUANT_FORMATS)}")
         if self.solver not in SOLVERS or self.episodes < 2:
             raise ValueError(f"solver {self.solver!r} (valid: {', '.join(SOLVERS)}), episodes {self.episodes} (>= 2)")
 
@@ -77,6 +84,7 @@ class AllocateParams:
 def allocate_pass(state: CompressState, p: AllocateParams) -> None:
     from edgellm.compress.allocator import Budget
     from edgellm.compress.sensitivity import (
+        HEAD_UNIT,
         SensitivityConfig,
         SensitivityTable,
         cache_key,
@@ -105,20 +113,55 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             table.save(cache)
-    loss = {u: dict(v) for u, v in table.kl.items()}
+    head_kl = _head_sensitivity(state, p, config, table, cache)
+    loss = {u: dict(v) for u, v in table.kl.items() if u != HEAD_UNIT}
     lossless = _lossless_auto(state.model)
     for u in loss:
         if "auto" in formats:  # the source's own blocks: no change, no loss (when transcoded exactly)
             loss[u]["auto"] = 0.0 if lossless else loss[u].get("int4", 0.0)
+    from edgellm.compress.rtn import head_bytes, quantize_head
     from edgellm.compress.solvers import solve
 
-    result = solve(p.solver, units(state.model.config), formats, loss,
-                   Budget(max_bytes=state.budget_bytes, max_us=state.budget_us), cost_us=state.cost_us,
-                   seed=state.seed, episodes=p.episodes, progress=state.progress)
+    best, tried = None, {}
+    for head in p.head_formats:  # an exact outer choice: one solve per lm_head format
+        freed = head_bytes(state.model, "auto") - head_bytes(state.model, head)
+        budget = Budget(max_bytes=None if state.budget_bytes is None else state.budget_bytes + freed,
+                        max_us=state.budget_us)
+        try:
+            result = solve(p.solver, units(state.model.config), formats, loss, budget, cost_us=state.cost_us,
+                           seed=state.seed, episodes=p.episodes, progress=state.progress)
+        except ConfigError as exc:
+            tried[head] = str(exc)
+            continue
+        tried[head] = result.loss + head_kl[head]
+        if best is None or tried[head] < best[0]:
+            best = (tried[head], head, result)
+    if best is None:
+        raise ConfigError("; ".join(f"lm_head {h}: {why}" for h, why in tried.items()))
+    _, head, result = best
+    quantize_head(state.model, head)
     state.plan = result.plan(state.plan, name="allocated")
-    state.report["allocate"] = {"solver": result.solver, "predicted_kl": result.loss, "linear_bytes": result.bytes,
-                                "linear_us": result.us, "choice": result.choice,
+    state.report["allocate"] = {"solver": result.solver, "predicted_kl": best[0], "linear_bytes": result.bytes,
+                                "linear_us": result.us, "choice": result.choice, "lm_head": head,
+                                "lm_head_tried": tried, "head_bytes": head_bytes(state.model, "auto"),
                                 "format_counts": {f: list(result.choice.values()).count(f) for f in formats}}
+
+
+def _head_sensitivity(state: CompressState, p: AllocateParams, config, table, cache) -> dict[str, float]:
+    """KL of each lm_head format (0 for "auto"), measured once and kept in the unit table's cache."""
+    from edgellm.compress.sensitivity import HEAD_UNIT, calibration_ids, measure_head_sensitivity
+    from edgellm.model.tokenizer import Tokenizer
+
+    if p.head_formats != ("auto",) and state.budget_us is not None:
+        raise ConfigError("head_formats other than auto are chosen under a size budget only (--budget-mb)")
+    known = table.kl.setdefault(HEAD_UNIT, {})
+    missing = [f for f in p.head_formats if f != "auto" and f not in known]
+    if missing:
+        ids = calibration_ids(Tokenizer(state.model.tokenizer), config)
+        known.update(measure_head_sensitivity(state.model, ids, config, missing))
+        if cache is not None:
+            table.save(cache)
+    return {f: 0.0 if f == "auto" else known[f] for f in p.head_formats}
 
 
 def _lossless_auto(model: ModelDescription) -> bool:

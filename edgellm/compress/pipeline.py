@@ -121,12 +121,48 @@ def _save_blocks(blocks: dict, path: Path, floats: dict | None = None) -> None:
     arrays = {f"{name}|f32": np.ascontiguousarray(v, dtype=np.float32) for name, v in (floats or {}).items()}
     for name, b in blocks.items():
         arrays[f"{name}|packed"] = b.packed
-        arrays[f"{name}|scales"] = b.scales
         arrays[f"{name}|meta"] = np.array([b.n, b.k, b.bits, b.block_size, b.zero_point], dtype=np.int64)
-        if b.block_offsets is not None:
-            arrays[f"{name}|offsets"] = b.block_offsets
+        arrays.update(_compact_scales(name, b))
     with path.open("wb") as fh:
         np.savez(fh, **arrays)
+
+
+def _compact_scales(name: str, b) -> dict:
+    """fp16 scales (and fp16 minima, from which the offsets m + z*d are rebuilt) when that is exact, as
+    RTN and GPTQ produce them; fp32 otherwise (e.g. a pass that computes free-form scales)."""
+    import numpy as np
+
+    s16 = b.scales.astype(np.float16)
+    if not np.array_equal(s16.astype(np.float32), b.scales):
+        out = {f"{name}|scales": b.scales}
+        if b.block_offsets is not None:
+            out[f"{name}|offsets"] = b.block_offsets
+        return out
+    out = {f"{name}|scales16": s16}
+    if b.block_offsets is not None:
+        mins = (b.block_offsets - b.zero_point * b.scales.T).astype(np.float16)
+        if np.array_equal(_offsets(mins, s16, b.zero_point), b.block_offsets):
+            out[f"{name}|mins16"] = mins
+        else:
+            out[f"{name}|offsets"] = b.block_offsets
+    return out
+
+
+def _offsets(mins16, scales16, zero_point: int):
+    import numpy as np
+
+    return (mins16.astype(np.float32) + zero_point * scales16.T.astype(np.float32)).astype(np.float32)
+
+
+def _read_scales(data, name: str, zero_point: int):
+    """(scales, offsets or None) as _compact_scales wrote them."""
+    if f"{name}|scales16" in data:
+        s16 = data[f"{name}|scales16"]
+        offsets = _offsets(data[f"{name}|mins16"], s16, zero_point) if f"{name}|mins16" in data else None
+        if offsets is None and f"{name}|offsets" in data:
+            offsets = data[f"{name}|offsets"]
+        return s16.astype("float32"), offsets
+    return data[f"{name}|scales"], (data[f"{name}|offsets"] if f"{name}|offsets" in data else None)
 
 
 def _load_blocks(directory: Path, info: dict, model: ModelDescription, label: str) -> None:
@@ -150,8 +186,8 @@ def _load_blocks(directory: Path, info: dict, model: ModelDescription, label: st
         for name in info["tensors"]:
             try:
                 n, k, bits, block, zp = (int(v) for v in data[f"{name}|meta"])
-                offsets = data[f"{name}|offsets"] if f"{name}|offsets" in data else None
-                b = BlockQuantized(n, k, bits, block, data[f"{name}|packed"], data[f"{name}|scales"], zp, offsets,
+                scales, offsets = _read_scales(data, name, zp)
+                b = BlockQuantized(n, k, bits, block, data[f"{name}|packed"], scales, zp, offsets,
                                    source=f"int{bits} {label}")
             except KeyError as exc:
                 raise ModelFormatError(f"{path}: tensor {name} is incomplete ({exc})") from None

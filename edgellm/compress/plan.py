@@ -26,25 +26,26 @@ from pathlib import Path
 from edgellm.errors import ConfigError
 
 ORT_MATMULNBITS_BITS = (2, 4, 8)  # what ONNX Runtime 1.32's MatMulNBits accepts (3 is refused at load)
-FP32_BYTES = 4
+SCALE_BYTES = 2  # scales and minima are fp16 values (block_formats.rtn_grid), stored in 2 bytes as in GGUF
 
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """Group-wise round-to-nearest: `bits` per weight, per group of `group` weights along K one fp32
-    scale, and for asymmetric formats one fp32 offset (the group minimum, applied by the offset path)."""
+    """Group-wise round-to-nearest: `bits` per weight, per group of `group` weights along K one fp16
+    scale, and for asymmetric formats one fp16 minimum (applied by the offset path)."""
 
     bits: int
     symmetric: bool
     group: int = 32
 
     def nbytes(self, k: int, n: int) -> int:
-        """Bytes of one K x N linear as edgellm stores it: packed codes + fp32 scales (+ fp32 offsets)."""
+        """Bytes of one K x N linear as a compressed model stores it: packed codes + fp16 scales (+ minima).
+        (The ONNX export widens them to fp32, what MatMulNBits takes with fp32 activations.)"""
         groups = k * n // self.group
-        return k * n * self.bits // 8 + groups * FP32_BYTES * (1 if self.symmetric else 2)
+        return k * n * self.bits // 8 + groups * SCALE_BYTES * (1 if self.symmetric else 2)
 
     def bits_per_weight(self) -> float:
-        return self.bits + FP32_BYTES * 8 * (1 if self.symmetric else 2) / self.group
+        return self.bits + SCALE_BYTES * 8 * (1 if self.symmetric else 2) / self.group
 
     @property
     def onnx_runnable(self) -> bool:

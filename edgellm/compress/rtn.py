@@ -89,11 +89,10 @@ def check_onnx_exportable(description: ModelDescription, plan: CompressionPlan) 
 
 
 def linear_bytes(description: ModelDescription, plan: CompressionPlan) -> tuple[int, int]:
-    """(bytes, weights) of the linear layers as this plan stores them (fp32 scales/offsets, as exported)."""
-    from edgellm.compress.units import format_bytes
+    """(bytes, weights) of the linear layers as this plan stores them: codes + fp16 scales/minima, the
+    GGUF convention (the ONNX export widens scales to fp32; its size is measured separately)."""
     from edgellm.export.block_formats import LOSSLESS_TRANSCODERS
 
-    transcoded = {"Q4_1": "int4", "Q4_0": "int4-sym", "Q8_0": "int8"}  # same graph, same bytes
     total = count = 0
     for name in linear_names(description):
         tensor = description.weights[f"{name}.weight"]
@@ -103,11 +102,46 @@ def linear_bytes(description: ModelDescription, plan: CompressionPlan) -> tuple[
         if fmt in QUANT_FORMATS:
             total += QUANT_FORMATS[fmt].nbytes(k, n)
         elif fmt == "auto" and tensor.qtype == "BLOCKQ":
-            total += tensor.blocks.nbytes
+            total += tensor.blocks.stored_nbytes
         elif fmt == "auto" and tensor.qtype in LOSSLESS_TRANSCODERS:
-            total += format_bytes(transcoded[tensor.qtype], k, n)
+            total += tensor.nbytes  # the GGUF's own blocks
         else:  # fp32, or "auto" for a source without a lossless block form
             total += 4 * n * k
     if count == 0:
         raise ConfigError("the model has no linear layers")
     return total, count
+
+
+def other_bytes(description: ModelDescription) -> int:
+    """Bytes of every tensor that is not a decoder linear (embedding/lm_head, norms) as the model stores
+    them: what a size budget holds besides the linears the allocator chooses."""
+    linear = {f"{name}.weight" for name in linear_names(description)}
+    return sum(t.nbytes if t.qtype != "BLOCKQ" else t.blocks.stored_nbytes
+               for name, t in description.weights.items() if name not in linear)
+
+
+def head_bytes(description: ModelDescription, fmt: str) -> int:
+    """Stored bytes of the lm_head tensor (with tied embeddings: the one shared tensor) in format `fmt`
+    ("auto": as the model holds it now)."""
+    tensor = description.weights[description.lm_head_name()]
+    if fmt == "auto":
+        return tensor.blocks.stored_nbytes if tensor.qtype == "BLOCKQ" else tensor.nbytes
+    if fmt not in QUANT_FORMATS:
+        raise ConfigError(f"lm_head format {fmt!r} is not a block format; valid: auto, {', '.join(QUANT_FORMATS)}")
+    n, k = tensor.shape
+    return QUANT_FORMATS[fmt].nbytes(k, n)
+
+
+def quantize_head(description: ModelDescription, fmt: str) -> None:
+    """Store the lm_head in `fmt` (in place). With tied embeddings this is the token embedding too: one
+    tensor in the file, so both the gather and the output projection use the quantized values."""
+    from edgellm.export.block_formats import quantize_format
+
+    name = description.lm_head_name()
+    if fmt == "auto":
+        return
+    if fmt not in QUANT_FORMATS:
+        raise ConfigError(f"lm_head format {fmt!r} is not a block format; valid: auto, {', '.join(QUANT_FORMATS)}")
+    blocks = quantize_format(description.weights.float(name), fmt)
+    blocks.source = f"{fmt} RTN"
+    description.weights.replace(name, WeightTensor.from_blocks(name, blocks))

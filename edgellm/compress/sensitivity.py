@@ -51,8 +51,11 @@ class SensitivityTable:
         return cls(**json.loads(path.read_text()))
 
 
+GRID_VERSION = "fp16-scales"  # block_formats.rtn_grid: a change in the quantizers' numerics invalidates caches
+
+
 def cache_key(description: ModelDescription, config: SensitivityConfig) -> str:
-    h = hashlib.sha256(f"{description.source}:{description.source.stat().st_size}".encode())
+    h = hashlib.sha256(f"{description.source}:{description.source.stat().st_size}:{GRID_VERSION}".encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -118,3 +121,39 @@ def measure_sensitivity(description: ModelDescription, token_ids: Sequence[int],
         table.kl.setdefault(unit.name, {})[fmt] = kl / len(windows)
     return table
 
+
+
+HEAD_UNIT = "lm_head"  # the table's row for the lm_head (with tied embeddings: embedding + lm_head)
+
+
+def measure_head_sensitivity(description: ModelDescription, token_ids: Sequence[int], config: SensitivityConfig,
+                             formats: Sequence[str]) -> dict[str, float]:
+    """format -> mean KL per token when only the lm_head tensor (tied: the embedding too) is quantized."""
+    import torch
+
+    from edgellm.compress.rtn import dequantized_weight
+    from edgellm.model.llama import KVCache, LlamaModel
+    from edgellm.model.weights import ModelWeights, WeightTensor
+
+    name = description.lm_head_name()
+    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+    windows = [ids[s:s + config.window] for s in range(0, len(ids) - config.window + 1, config.window)]
+
+    def log_probs(desc: ModelDescription) -> list:
+        model = LlamaModel(desc)
+        n = model.config.n_layers
+        with torch.no_grad():
+            return [torch.log_softmax(model.head(model.run_layers(model.embed(w), KVCache.allocate(
+                model.config, 0, n, len(w)), 0, n)), dim=-1) for w in windows]
+
+    base = log_probs(description)
+    out = {}
+    for fmt in formats:
+        tensors = dict(description.weights.items())
+        tensors[name] = WeightTensor.from_array(name, dequantized_weight(description.weights[name], fmt))
+        changed = ModelDescription(config=description.config, weights=ModelWeights(tensors), tokenizer=description.tokenizer,
+                                   source=description.source, file_type=description.file_type,
+                                   metadata=dict(description.metadata))
+        got = log_probs(changed)
+        out[fmt] = sum(float((b.exp() * (b - q)).sum(-1).mean()) for b, q in zip(base, got, strict=True)) / len(windows)
+    return out

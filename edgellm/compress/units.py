@@ -59,15 +59,16 @@ def units(config: ModelConfig) -> list[Unit]:
 
 
 def format_bytes(fmt: str, k: int, n: int, block: int = 32) -> int:
-    """Bytes one K x N linear takes in the exported graph (packed weights + fp32 scales/offsets)."""
+    """Bytes one K x N linear takes stored (packed weights + fp16 scales/minima, as GGUF; "auto" is the
+    shipped Q4_1 source's own 20-byte blocks)."""
     blocks = k * n // block
     table = {
         "fp32": 4 * k * n,
-        "int8": k * n + 4 * blocks,
-        "int4": k * n // 2 + 8 * blocks,  # scale + offset per block (also Q4_1's lossless transcode)
-        "auto": k * n // 2 + 8 * blocks,
-        "int4-sym": k * n // 2 + 4 * blocks,
-        "int2": k * n // 4 + 8 * blocks,
+        "int8": k * n + 2 * blocks,
+        "int4": k * n // 2 + 4 * blocks,  # scale + minimum per block (also Q4_1's lossless transcode)
+        "auto": k * n // 2 + 4 * blocks,
+        "int4-sym": k * n // 2 + 2 * blocks,
+        "int2": k * n // 4 + 4 * blocks,
     }
     if fmt not in table:
         from edgellm.errors import ConfigError

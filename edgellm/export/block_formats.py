@@ -58,6 +58,13 @@ class BlockQuantized:
         extra = 0 if self.block_offsets is None else self.block_offsets.nbytes
         return self.packed.nbytes + self.scales.nbytes + extra
 
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes as a file holds them: codes + one fp16 scale (+ one fp16 minimum) per block, the GGUF
+        convention (quantize_rtn and GPTQ choose fp16-representable scales and minima, so it is exact)."""
+        per_block = 2 if self.block_offsets is None else 4
+        return self.packed.nbytes + per_block * self.scales.size
+
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """(..., K) unsigned ints -> (..., K*bits/8) uint8: a little-endian bit stream (element i in bits
@@ -132,6 +139,26 @@ def from_q8_0(tensor: WeightTensor) -> BlockQuantized:
 LOSSLESS_TRANSCODERS = {"Q4_0": from_q4_0, "Q4_1": from_q4_1, "Q8_0": from_q8_0}
 
 
+def _f16_values(x: np.ndarray) -> np.ndarray:
+    """float32 values that fp16 holds exactly (nearest), never 0 or inf for a positive finite scale."""
+    y = np.asarray(x, dtype=np.float32).astype(np.float16)
+    tiny = np.float16(np.finfo(np.float16).smallest_subnormal)
+    y = np.where((x > 0) & (y == 0), tiny, y)
+    return np.clip(y, -np.finfo(np.float16).max, np.finfo(np.float16).max).astype(np.float32)
+
+
+def rtn_grid(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scales, minima or None) per block of `blocks` (..., block): the one grid rule RTN and GPTQ share.
+    Both are fp16 values, so a file stores them in 2 bytes each with no loss (as GGUF does)."""
+    zero, qmax = 1 << (bits - 1), (1 << bits) - 1
+    if symmetric:
+        amax = np.abs(blocks).max(-1)
+        return _f16_values(np.where(amax > 0, amax / (zero - 1), 1.0)), None  # [-(z-1), z-1]
+    lo = _f16_values(blocks.min(-1))
+    hi = blocks.max(-1)
+    return _f16_values(np.where(hi > lo, (hi - lo) / qmax, 1.0)), lo
+
+
 def quantize_rtn(weights: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True) -> BlockQuantized:
     """Round-to-nearest block quantization of float weights (N, K) with a uniform zero point."""
     n, k = weights.shape
@@ -140,14 +167,11 @@ def quantize_rtn(weights: np.ndarray, bits: int, block_size: int = 32, symmetric
     w = weights.reshape(n, k // block_size, block_size).astype(np.float32)
     zero = 1 << (bits - 1)
     qmax = (1 << bits) - 1
-    if symmetric:
-        amax = np.abs(w).max(-1)
-        scales = np.where(amax > 0, amax / (zero - 1), 1.0).astype(np.float32)  # [-(z-1), z-1]: no clipping
+    scales, lo = rtn_grid(w, bits, symmetric)
+    if lo is None:
         q = np.clip(np.round(w / scales[..., None]) + zero, 0, qmax)
         return BlockQuantized(n, k, bits, block_size, pack(q, bits).reshape(n, k // block_size, -1),
                               scales, zero, source=f"int{bits} RTN symmetric")
-    lo, hi = w.min(-1), w.max(-1)
-    scales = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
     q = np.clip(np.round((w - lo[..., None]) / scales[..., None]), 0, qmax)
     offsets = (lo + zero * scales).T.astype(np.float32).copy()  # asymmetric via the same offset path
     return BlockQuantized(n, k, bits, block_size, pack(q, bits).reshape(n, k // block_size, -1), scales,

@@ -73,7 +73,10 @@ def lower(description: ModelDescription, plan: CompressionPlan, progress: bool =
     lm_head, layers["lm_head"] = prepare_weight(head_tensor, plan.lm_head)
     embed_tensor = w["token_embd.weight"]
     embed: Weight
-    if embed_tensor.qtype == "Q8_0":  # gathered straight from the (shared) Q8_0 blocks: lossless
+    if embed_tensor.qtype == "BLOCKQ":  # a pass quantized it (a tied lm_head's format): gathered from blocks
+        embed = embed_tensor.blocks
+        layers["token_embd"] = f"{embed_tensor.blocks.source} (gather)"
+    elif embed_tensor.qtype == "Q8_0":  # gathered straight from the (shared) Q8_0 blocks: lossless
         embed = lm_head if (cfg.tie_embeddings and isinstance(lm_head, BlockQuantized) and lm_head.bits == 8
                             and lm_head.source.startswith("Q8_0")) else LOSSLESS_TRANSCODERS["Q8_0"](embed_tensor)
         layers["token_embd"] = "Q8_0 transcode (gather)"

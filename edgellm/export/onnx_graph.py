@@ -113,25 +113,46 @@ def _block_indicator(k: int, block: int) -> np.ndarray:
 
 
 # ids ─► Gather(q8 rows) ─► Cast ─► Sub(zero point) ─► Mul ◄─ Unsqueeze ◄─ Gather(scales)
-#                                                       └─► Reshape(batch, seq, hidden)
+#                                                       └─► [+ offsets] ─► Reshape(batch, seq, hidden)
 def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
-    """Token embedding that reuses the lm_head's quantized bytes when the two are tied."""
+    """Token embedding gathered straight from the quantized blocks: only the looked-up rows are widened."""
     if isinstance(w, np.ndarray):
         return b.op1("Gather", [b.const("token_embd.weight", w.astype(np.float32)), ids], name="embed")
+    if w.bits not in (4, 8):
+        raise ConfigError(f"quantized embeddings are gathered from 4- or 8-bit blocks, found {w.bits}-bit")
     # A separate initializer from the lm_head's on purpose: ONNX Runtime prepacks the lm_head into its own
     # layout and frees the original only when nothing else reads it; the gather touches just a few rows.
-    rows = b.op1("Gather", [b.const("token_embd.q8", w.packed), ids], name="embed/rows")  # (B,S,nb,bs)
+    rows = b.op1("Gather", [b.const(f"token_embd.q{w.bits}", w.packed), ids], name="embed/rows")  # (B,S,nb,bs*b/8)
+    if w.bits == 4:
+        rows = _nibbles(b, rows, w.block_size)
     values = b.op1("Cast", [rows], name="embed/cast", to=FLOAT)
-    if w.bits != 8:
-        raise ConfigError(f"quantized embeddings are gathered from 8-bit blocks only, found {w.bits}-bit")
     centered = b.op1("Sub", [values, b.const("embed.zero_point", np.float32(w.zero_point))], name="embed/center")
+    axes = b.const("axes_last", np.array([-1], np.int64))
     scales = b.op1("Gather", [b.const("token_embd.scales", w.scales), ids], name="embed/scales")  # (B,S,nb)
-    scales = b.op1("Unsqueeze", [scales, b.const("axes_last", np.array([-1], np.int64))], name="embed/unsq")
+    scales = b.op1("Unsqueeze", [scales, axes], name="embed/unsq")
     scaled = b.op1("Mul", [centered, scales], name="embed/scale")
     if w.block_offsets is not None:
-        raise ConfigError("embedding blocks with offsets are not supported; use fp32 or a Q8_0 source")
+        offsets = b.op1("Gather", [b.const("token_embd.offsets", np.ascontiguousarray(w.block_offsets.T)), ids],
+                        name="embed/offsets")  # (B,S,nb)
+        offsets = b.op1("Unsqueeze", [offsets, axes], name="embed/unsq_offsets")
+        scaled = b.op1("Add", [scaled, offsets], name="embed/add_offset")
     shape = b.const("shape_bs_hidden", np.array([0, 0, hidden], np.int64))
     return b.op1("Reshape", [scaled, shape], name="embed/reshape")
+
+
+# packed (B,S,nb,bs/2) ─► BitShift(<<4) ─► BitShift(>>4) = low nibbles ─► Unsqueeze ─┐
+#        └────────────► BitShift(>>4) = high nibbles ────────────────► Unsqueeze ─► Concat(-1) ─► Reshape(B,S,nb,bs)
+def _nibbles(b: GraphBuilder, packed: str, block_size: int) -> str:
+    """uint8 codes, element 2i from the low nibble and 2i+1 from the high one (block_formats.pack)."""
+    four = b.const("u8_four", np.array(4, np.uint8))
+    axes = b.const("axes_last", np.array([-1], np.int64))
+    shifted = b.op1("BitShift", [packed, four], name="embed/shl", direction="LEFT")
+    low = b.op1("BitShift", [shifted, four], name="embed/low", direction="RIGHT")
+    high = b.op1("BitShift", [packed, four], name="embed/high", direction="RIGHT")
+    pair = b.op1("Concat", [b.op1("Unsqueeze", [low, axes], name="embed/unsq_low"),
+                            b.op1("Unsqueeze", [high, axes], name="embed/unsq_high")], name="embed/pair", axis=-1)
+    shape = b.const(f"shape_bs_nb_{block_size}", np.array([0, 0, -1, block_size], np.int64))
+    return b.op1("Reshape", [pair, shape], name="embed/codes")
 
 
 # qkv (B,S,(Hq+2Hkv)d) ─► GroupQueryAttention(rotary, packed QKV) ─► (B,S,Hq d)
