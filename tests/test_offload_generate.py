@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from edgellm.model.loader import load_model
 from edgellm.model.tokenizer import Tokenizer
@@ -36,6 +33,7 @@ from edgellm.runtime.generation import GenerationConfig
 from edgellm.runtime.generation import generate as local_generate
 from edgellm.runtime.reference import ReferenceBackend
 from edgellm.runtime.sampling import SamplingConfig
+from tests.live_server import LiveServer
 from tests.tiny_gguf import write_tiny_gguf
 
 TOKEN = "offload-test-token"
@@ -43,32 +41,6 @@ N_LAYERS = 4
 N_NEW = 24
 GREEDY = GenerationConfig(max_new_tokens=N_NEW, sampling=SamplingConfig(greedy=True), stop_at_eos=False)
 SLOWDOWN = 8.0
-
-
-class LiveServer:
-    """uvicorn serving an app from a thread, on a port bound before it starts."""
-
-    def __init__(self, app) -> None:
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without
-        # it every response waits ~40 ms for a delayed ACK between its header and body writes
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        """Stop serving now: open connections are cut, nobody listens on the port any more."""
-        self.server.force_exit = self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from edgellm.errors import CloudRejectedError, CloudSessionLostError, CloudUnavailableError, ConfigError
 from edgellm.model.loader import load_model
@@ -33,6 +32,7 @@ from edgellm.offload.identity import model_sha256
 from edgellm.offload.server import ServerSettings, create_app
 from edgellm.runtime.backend import Backend, LayerRange
 from edgellm.runtime.reference import ReferenceBackend
+from tests.live_server import LiveServer
 from tests.tiny_gguf import write_tiny_gguf
 
 TOKEN = "test-token-7f3a"
@@ -44,32 +44,6 @@ KV_BYTES_PER_TOKEN_LAYER = 2 * 2 * 16 * 4  # K and V, 2 kv heads x head_dim 16, 
 def raw(method: str, url: str, **kwargs) -> httpx.Response:
     """A bare HTTP request (no CloudClient), patient enough for a loaded CI machine."""
     return httpx.request(method, url, timeout=30.0, **kwargs)
-
-
-class LiveServer:
-    """uvicorn serving `app` from a thread on a socket we bound (so the port is known before it starts)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-        assert not self.thread.is_alive(), "test server did not stop"
 
 
 @dataclass
