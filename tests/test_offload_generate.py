@@ -312,3 +312,34 @@ def test_cli_offload_arguments_generate_identical_tokens(tiny, expected, shared,
     assert list(tmp_path.rglob("*.json")), "the device profile was not cached"
     with pytest.raises(SystemExit):
         parser.parse_args(["--offload-split", "-1"])
+
+
+@pytest.fixture(scope="module")
+def ort_device(tiny, tmp_path_factory) -> Tiny:
+    """The same tiny model exported to ONNX (fp32 activations) as the device: ONNX Runtime runs the device's
+    layer ranges (in-memory cuts of the export) and the reference backend the server's."""
+    from edgellm.compress.plan import PRESETS
+    from edgellm.export.onnx_export import export_onnx
+    from edgellm.runtime.registry import create_backend
+
+    art = export_onnx(load_model(tiny.path), tmp_path_factory.mktemp("offload-ort") / "onnx", PRESETS["lossless-exact"])
+    device = create_backend("onnxruntime", load_model(art), threads=1)
+    assert device.supports_layer_ranges
+    return Tiny(tiny.backend, device, measure_layer_profile(device, prefill_tokens=8, decode_context=8, repeats=3),
+                tiny.tokenizer, tiny.sha256, tiny.path)
+
+
+def test_onnx_runtime_device_splits_and_moves_kv_with_the_reference_server(ort_device, expected, shared):
+    """Every KV move between an ONNX Runtime device and the server keeps the greedy tokens of the all-local
+    reference (fp32 on both sides; the tiny model's logits differ by ~1e-6, far from any argmax tie)."""
+    script = [(2, "none"), (0, "upload"), (3, "download"), (N_LAYERS, "device-recompute"), (1, "server-replay"),
+              (N_LAYERS, "download"), (2, "device-recompute")]
+    with generator(ort_device, [shared[1].url], static_split=None) as gen:
+        ep = gen.active_endpoint()
+        gen._planners[ep.url] = ScriptedPlanner(gen.planner(ep), script)
+        assert run(gen, ort_device) == expected
+        moves = {m.split()[1] for m in (r.move for r in gen.last_records) if m}
+    assert moves == {"upload", "download", "device-recompute", "server-replay"}, moves
+    for split in (1, 3):
+        with generator(ort_device, [shared[1].url], static_split=split) as gen:
+            assert run(gen, ort_device) == expected

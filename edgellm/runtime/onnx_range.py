@@ -53,7 +53,7 @@ def _owner(name: str, n_layers: int) -> int:
     m = _LAYER.match(name)
     if m:
         return int(m.group(1))
-    return -1 if name.startswith("embed/") else n_layers
+    return -1 if name == "embed" or name.startswith("embed/") else n_layers  # "embed": a float Gather
 
 
 def cut_layers(model: onnx.ModelProto, start: int, stop: int, n_layers: int, hidden: int) -> onnx.ModelProto:
