@@ -86,6 +86,7 @@ def test_generate_on_a_tiny_gguf(tmp_path):
     (("generate", "-p", "hi", "--seed", "-1"), "seed must be >= 0"),
     (("generate", "-p", "hi", "--threads", "0"), "expected a positive integer"),
     (("bench", "--n-prompt", "9000", "--ppl-tokens", "0"), "exceed the model's context"),
+    (("bench", "--also", "/no/such/export", "--ppl-tokens", "0", "--rounds", "1"), "not an ONNX export directory"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(args, message):
     proc = edgellm(*args, check=False)
@@ -111,3 +112,17 @@ def test_missing_text_file_path_is_reported(tmp_path):
     missing = Path(tmp_path) / "absent.txt"
     proc = edgellm("tokenize", "--text-file", str(missing), check=False)
     assert proc.returncode == 2 and "absent.txt" in proc.stderr
+
+
+def test_bench_table_reports_every_ratio():
+    from edgellm.bench.speed import add_ratios, format_table
+
+    engines = {"edgellm-ort": {"decode_tok_s": 150.0}, "ort:dense": {"decode_tok_s": 120.0},
+               "llama.cpp": {"decode_tok_s": 100.0}}
+    result = {"engines": engines, "ratios": {"edgellm-ort/llama.cpp": {"decode_tok_s": 1.5},
+                                             "ort:dense/llama.cpp": {"decode_tok_s": 1.2}}}
+    add_ratios(result, "edgellm-ort", ["ort:dense"])
+    assert result["ratios"]["edgellm-ort/ort:dense"]["decode_tok_s"] == pytest.approx(1.25)
+    table = format_table(result).splitlines()
+    assert table[0].endswith("| edgellm-ort/llama.cpp | ort:dense/llama.cpp | edgellm-ort/ort:dense |")
+    assert table[2] == "| decode_tok_s | 150.00 | 120.00 | 100.00 | 1.50x | 1.20x | 1.25x |"

@@ -248,6 +248,9 @@ def bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(threads=args.threads, n_prompt=args.n_prompt, n_decode=args.n_decode, rounds=args.rounds,
                          reps=args.reps, ppl_tokens=args.ppl_tokens)
+    for extra in args.also:
+        if not (Path(extra) / "model.onnx").is_file():
+            raise ConfigError(f"--also {extra}: not an ONNX export directory (no model.onnx)")
     model = _load(args)
     if args.n_prompt + args.n_decode + 1 > model.config.context_length:
         raise ConfigError(f"--n-prompt {args.n_prompt} + --n-decode {args.n_decode} exceed the model's context "
@@ -266,8 +269,6 @@ def bench(args: argparse.Namespace) -> int:
         engines = [Engine("edgellm-ort", "onnxruntime", str(art_dir), art_files)]
         for extra in args.also:
             extra_dir = Path(extra)
-            if not (extra_dir / "model.onnx").is_file():
-                raise ConfigError(f"--also {extra}: not an ONNX export directory (no model.onnx)")
             files = tuple(p for p in extra_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
             engines.append(Engine(f"ort:{extra_dir.name}", "onnxruntime", str(extra_dir), files))
         if args.vs == "llama.cpp":
