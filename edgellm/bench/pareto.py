@@ -304,8 +304,8 @@ def ensure_sensitivity(state, recipe) -> None:
         merged: dict[str, dict[str, float]] = {}
         for other in sorted(state.cache_dir.glob("sensitivity-*.json")):
             table = SensitivityTable.load(other)
-            same = {k: table.config.get(k) for k in ("calibration", "tokens", "window")} == {
-                "calibration": p.calibration, "tokens": p.tokens, "window": p.window}
+            same = {k: table.config.get(k) for k in ("calibration", "tokens", "window", "grid")} == {
+                "calibration": p.calibration, "tokens": p.tokens, "window": p.window, "grid": config.grid}
             if same and table.model == str(state.model.source):
                 for unit, per in table.kl.items():
                     merged.setdefault(unit, {}).update({f: v for f, v in per.items() if f in formats})

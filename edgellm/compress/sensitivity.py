@@ -20,6 +20,8 @@ from edgellm.compress.units import Unit, units
 from edgellm.errors import ConfigError
 from edgellm.model.description import ModelDescription
 
+GRID_VERSION = "fp16-scales"  # block_formats.rtn_grid: a change in the quantizers' numerics invalidates tables
+
 
 @dataclass(frozen=True)
 class SensitivityConfig:
@@ -27,6 +29,7 @@ class SensitivityConfig:
     tokens: int = 512
     window: int = 256
     formats: tuple[str, ...] = ("int8", "int4", "int4-sym", "int2")
+    grid: str = GRID_VERSION  # recorded in every table, so tables of other quantizer numerics are never mixed
 
     def __post_init__(self) -> None:
         if self.tokens < self.window or self.window < 2:
@@ -51,11 +54,8 @@ class SensitivityTable:
         return cls(**json.loads(path.read_text()))
 
 
-GRID_VERSION = "fp16-scales"  # block_formats.rtn_grid: a change in the quantizers' numerics invalidates caches
-
-
 def cache_key(description: ModelDescription, config: SensitivityConfig) -> str:
-    h = hashlib.sha256(f"{description.source}:{description.source.stat().st_size}:{GRID_VERSION}".encode())
+    h = hashlib.sha256(f"{description.source}:{description.source.stat().st_size}".encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
