@@ -367,7 +367,8 @@ def run_entry(entry: Entry, ctx: Context, refresh: bool = False) -> dict:
     if path.is_file() and not refresh:
         row = json.loads(path.read_text())
         if "export_dir" not in row or Path(row["export_dir"], "manifest.json").is_file():
-            return row
+            # two entries with the same inputs (e.g. Q2_K and Q3_K_S files of one size) share one result
+            return {**row, "name": entry.name, "group": entry.group}
     started = time.perf_counter()
     row = {"name": entry.name, "group": entry.group, "kind": entry.kind, "spec": list(entry.spec),
            **RUNNERS[entry.kind](entry, ctx)}
@@ -662,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         if (a.only and a.only not in entry.name) or any(x and x in entry.name for x in (a.skip or "").split(",")):
             path = _cache_root() / "pareto" / f"{cache_key(entry, ctx)}.json"
             if path.is_file():
-                rows.append(json.loads(path.read_text()))
+                rows.append({**json.loads(path.read_text()), "name": entry.name, "group": entry.group})
             continue
         row = run_entry(entry, ctx, refresh=a.refresh)
         rows.append(row)
