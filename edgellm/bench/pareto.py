@@ -536,7 +536,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "error" not in r]
+    # rows at a llama.cpp type's size repeat a point of the bits/weight sweep or of lossless; the tables show them
+    ok = [r for r in rows if "error" not in r and r.get("spec", [None, None])[1:2] != ["mb"]]
     best = min(r["ppl_ref"] for r in ok)
     shown = [r for r in ok if r["ppl_ref"] < 4 * best]  # collapsed plans (e.g. uniform 2-bit) would flatten the rest
     hidden = [r["name"] for r in ok if r not in shown]
@@ -546,14 +547,19 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, label, ppl_key in (
             (axes[0], "model_mb", "model MB (GGUF-style file, fp16 scales, tied embedding counted once)", "ppl_ref"),
             (axes[1], "ort_ms", "measured decode ms/token (ONNX Runtime)", "ppl_engine")):
+        labelled: set[tuple[float, float]] = set()
         for group in GROUPS:
             pts = [(r, _ms(r) if key == "ort_ms" else r[key]) for r in shown if r["group"] == group]
             pts = [(r, x) for r, x in pts if x is not None]
             if not pts:
                 continue
-            ax.scatter([x for _, x in pts], [r[ppl_key] for r, _ in pts], s=50, marker=markers[group],
-                       color=colours[group], label=group)
-            for r, x in pts:
+            ax.scatter([x for _, x in pts], [r[ppl_key] for r, _ in pts], s=90 if group == "lossless" else 50,
+                       marker=markers[group], color=colours[group], label=group, zorder=3 if group == "lossless" else 2)
+            for r, x in pts:  # one label per point: rows with equal results (same plan) share it
+                at = (round(x, 1), round(r[ppl_key], 2))
+                if at in labelled:
+                    continue
+                labelled.add(at)
                 short = r["name"].replace("llama.cpp ", "").replace(" bits/weight", " b/w").replace("uniform ", "")
                 ax.annotate(short, (x, r[ppl_key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
