@@ -1,13 +1,15 @@
 # The two entry points of the README. Both set up .venv first (idempotent, fast the second time).
-.PHONY: demo test lint bench setup setup-dev
+.PHONY: demo test lint bench bench-pruned pareto setup setup-dev
 
 PROMPT ?= Explain in two sentences why small language models matter on edge devices.
 
 # The whole product on the default model: compress (recipe models/recipes/$(RECIPE).toml) -> export to
-# ONNX -> streaming chat on ONNX Runtime. RECIPE=rtn-int4 (or any recipe) swaps the compression step.
+# ONNX -> streaming chat on ONNX Runtime. RECIPE=rtn-int4 (or any recipe) swaps the compression step;
+# e.g. make demo RECIPE=allocate-size COMPRESS_ARGS="--budget-mb 84" (measures sensitivity once, minutes).
 RECIPE ?= lossless
+COMPRESS_ARGS ?=
 demo: setup
-	.venv/bin/edgellm compress --recipe $(RECIPE) -o .cache/demo-compressed --force
+	.venv/bin/edgellm compress --recipe $(RECIPE) $(COMPRESS_ARGS) -o .cache/demo-compressed --force
 	.venv/bin/edgellm export onnx .cache/demo-compressed -o .cache/demo-onnx --force
 	.venv/bin/edgellm generate .cache/demo-onnx --chat -p "$(PROMPT)" -n 96 --greedy
 
@@ -29,3 +31,16 @@ bench: setup-dev
 	mkdir -p bench_results
 	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 5 --json bench_results/ort_vs_llamacpp.json
 	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 3 --plan lossless-exact --json bench_results/ort_exact_vs_llamacpp.json
+
+# Structured pruning (20 %) + KD + int4 against the dense lossless export and llama.cpp, one interleaved run.
+bench-pruned: setup-dev
+	mkdir -p bench_results .cache
+	.venv/bin/edgellm compress --recipe structured-20-kd-int4 -o .cache/s20 --force
+	.venv/bin/edgellm export onnx .cache/s20 -o .cache/s20-onnx --force
+	.venv/bin/edgellm export onnx -o .cache/dense-onnx --force
+	.venv/bin/edgellm bench .cache/s20-onnx --also .cache/dense-onnx --vs llama.cpp --threads 2 --rounds 5 \
+		--json bench_results/structured20_kd_int4_vs_dense.json
+
+# Issue 4's quality/size/speed table and plot (rows cached under ~/.cache/edgellm/pareto; hours from scratch).
+pareto: setup-dev
+	.venv/bin/python -m edgellm.bench.pareto --out bench_results/pareto
