@@ -25,6 +25,8 @@ def test_bad_parameter_names_the_valid_ones():
         parse_recipe({"name": "x", "passes": [{"pass": "quantize", "format": "int5"}]}, "inline")
     with pytest.raises(ConfigError, match="recipe field 'passes' is missing"):
         parse_recipe({"name": "x"}, "inline")
+    with pytest.raises(ConfigError, match=r"head_formats \['int5'\] invalid; valid: auto, int8, int4"):
+        parse_recipe({"name": "x", "passes": [{"pass": "allocate", "head_formats": ["auto", "int5"]}]}, "inline")
 
 
 def test_unknown_recipe_name_lists_the_shipped_ones():
@@ -188,3 +190,16 @@ def test_gptq_parameters_are_validated():
         parse_recipe({"name": "g", "passes": [{"pass": "gptq", "window": 128, "tokens": 256, "skip_first": 128}]}, "x")
     with pytest.raises(ConfigError, match="bits 5 unsupported; valid: 2, 3, 4, 8"):
         parse_recipe({"name": "g", "passes": [{"pass": "gptq", "bits": 5}]}, "x")
+
+
+def test_head_formats_need_a_size_budget(tmp_path):
+    from edgellm.model.loader import load_model
+    from tests.tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_1")
+    target = _tiny_target(tmp_path, vocab=load_model(gguf).config.vocab_size)
+    recipe = _tiny_recipe(tmp_path, ["auto", "int4-sym"])
+    recipe.write_text(recipe.read_text() + 'head_formats = ["auto", "int4"]\n')
+    proc = edgellm("compress", str(gguf), "--recipe", str(recipe), "--target", str(target), "--budget-ms-per-token",
+                   "5", "-o", str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache"), check=False)
+    assert proc.returncode == 2 and "head_formats other than auto are chosen under a size budget only" in proc.stderr

@@ -96,6 +96,9 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
 
     if state.budget_bytes is None and state.budget_us is None:
         raise ConfigError("the allocate pass needs a budget: --budget-mb or --budget-ms-per-token")
+    if p.head_formats != ("auto",) and state.budget_us is not None:
+        raise ConfigError("head_formats other than auto are chosen under a size budget only (--budget-mb); "
+                          "the cost table times the lm_head in one format")
     formats = tuple(f for f in p.formats if f == "auto" or state.target is None or state.target.supports("linear", f))
     if not formats:
         raise ConfigError(f"target {state.target.name} supports none of the recipe's formats {list(p.formats)}")
@@ -152,8 +155,6 @@ def _head_sensitivity(state: CompressState, p: AllocateParams, config, table, ca
     from edgellm.compress.sensitivity import HEAD_UNIT, calibration_ids, measure_head_sensitivity
     from edgellm.model.tokenizer import Tokenizer
 
-    if p.head_formats != ("auto",) and state.budget_us is not None:
-        raise ConfigError("head_formats other than auto are chosen under a size budget only (--budget-mb)")
     known = table.kl.setdefault(HEAD_UNIT, {})
     missing = [f for f in p.head_formats if f != "auto" and f not in known]
     if missing:
