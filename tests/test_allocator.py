@@ -73,6 +73,9 @@ def test_budget_below_every_plan_is_a_clear_error():
         allocate(us, FORMATS, loss, Budget(max_bytes=10))
     with pytest.raises(ConfigError, match="below the fastest plan"):
         allocate(us, FORMATS, loss, Budget(max_us=1.0), cost_us=cost)
+    for max_bytes in (10, -1000):  # negative: a file budget smaller than the tensors every plan keeps
+        with pytest.raises(ConfigError, match="below the smallest plan"):
+            allocate_dp(us, FORMATS, loss, max_bytes)
     with pytest.raises(ConfigError, match="needs the target's cost table"):
         allocate(us, FORMATS, loss, Budget(max_us=1e9))
     with pytest.raises(ConfigError, match="no sensitivity"):

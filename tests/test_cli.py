@@ -87,8 +87,13 @@ def test_generate_on_a_tiny_gguf(tmp_path):
     (("generate", "-p", "hi", "--threads", "0"), "expected a positive integer"),
     (("bench", "--n-prompt", "9000", "--ppl-tokens", "0"), "exceed the model's context"),
     (("bench", "--also", "/no/such/export", "--ppl-tokens", "0", "--rounds", "1"), "not an ONNX export directory"),
+    (("bench", "--also", "DIR_A/onnx", "--also", "DIR_B/onnx", "--ppl-tokens", "0"), "need distinct names"),
 ])
-def test_errors_are_one_line_with_nonzero_exit(args, message):
+def test_errors_are_one_line_with_nonzero_exit(args, message, tmp_path):
+    for part in ("DIR_A", "DIR_B"):  # two real export-looking directories with the same last name
+        (tmp_path / part / "onnx").mkdir(parents=True)
+        (tmp_path / part / "onnx" / "model.onnx").write_bytes(b"")
+    args = tuple(str(tmp_path / a) if a.startswith("DIR_") else a for a in args)
     proc = edgellm(*args, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -74,9 +74,9 @@ def test_three_bit_rtn_matches_the_numpy_oracle(fmt: str):
     # fp16 step/minimum: a value at the group's edge may sit up to ~levels * 2^-11 steps beyond half a step
     assert (err.max(-1) <= half_step * (1 + 2e-2) + 1e-7).all(), f"{fmt}: an error exceeds half a step"
     assert len(np.unique(unpack(bq.packed, 3))) <= 8
-    # true packed size: 3 bits per weight + fp32 scales (+ fp32 offsets when asymmetric) per group
+    # true stored size: 3 bits per weight + fp16 scales (+ fp16 minima when asymmetric) per group
     groups = w.size // spec.group
-    assert bq.nbytes == spec.nbytes(256, 16) == w.size * 3 // 8 + groups * (4 if spec.symmetric else 8)
+    assert bq.stored_nbytes == spec.nbytes(256, 16) == w.size * 3 // 8 + groups * (2 if spec.symmetric else 4)
 
 
 def test_onnx_runtime_refuses_three_bit_matmulnbits():

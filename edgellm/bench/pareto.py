@@ -17,7 +17,10 @@ Size, like with like: "model MB" is a whole GGUF-style file. For llama.cpp rows 
 rows it is the source GGUF with its linear tensors (and the lm_head, when a plan quantizes it) replaced by
 edgellm's as stored: packed codes + fp16 scales and minima, as GGUF stores them (the quantizers choose
 fp16 values, so this is exact). The tied embedding/lm_head is counted once on both sides.
-"bits/weight" is the linear layers' bytes x 8 over the source model's linear weights. The ONNX export is
+"bits/weight" is the linear layers' bytes x 8 over the source model's linear weights. A bits/weight
+*budget* (--budgets-bpw) is the whole file a model would have with its linears at that many bits/weight and
+every other tensor as the source stores it: the allocator may spend it elsewhere (a 4-bit head frees bytes
+the linears then use), so a plan's own bits/weight can exceed its budget's label. The ONNX export is
 bigger than either ("export MB": fp32 scales, and the embedding stored twice for speed).
 Speed: measured decode ms/token on ONNX Runtime (this machine, --threads), and the cost table's prediction.
 
@@ -637,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_results/pareto", help="output prefix (writes .json, .md, .png)")
     p.add_argument("--budgets-bpw", default=",".join(map(str, SIZE_BUDGETS_BPW)),
-                   help="size budgets for allocate recipes, bits/weight of the linear layers, comma-separated")
+                   help="size budgets for allocate recipes: the file of the source with its linear layers at this many "
+                        "bits/weight (the allocator may move bytes between head and linears), comma-separated")
     p.add_argument("--budgets-ms", default=",".join(map(str, LATENCY_BUDGETS_MS)),
                    help="latency budgets for haq-cpu-ort, ms/token on cpu-ort, comma-separated")
     p.add_argument("--ppl-tokens", type=int, default=8192)

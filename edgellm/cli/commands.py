@@ -251,6 +251,9 @@ def bench(args: argparse.Namespace) -> int:
     for extra in args.also:
         if not (Path(extra) / "model.onnx").is_file():
             raise ConfigError(f"--also {extra}: not an ONNX export directory (no model.onnx)")
+    names = [Path(extra).name for extra in args.also]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--also directories need distinct names (their labels are ort:NAME), found {names}")
     model = _load(args)
     if args.n_prompt + args.n_decode + 1 > model.config.context_length:
         raise ConfigError(f"--n-prompt {args.n_prompt} + --n-decode {args.n_decode} exceed the model's context "
@@ -312,7 +315,7 @@ def compress(args: argparse.Namespace) -> int:
     if args.budget_mb is not None:
         from edgellm.compress.rtn import head_bytes, other_bytes
 
-        fixed = other_bytes(model)
+        fixed = other_bytes(model) + _container_bytes(model)
         state.budget_bytes = int(args.budget_mb * 2**20) - fixed
         heads = [f for s in recipe.passes if s.name == "allocate" for f in s.params.head_formats]
         smallest = fixed - max((head_bytes(model, "auto") - head_bytes(model, f) for f in heads), default=0)
@@ -339,6 +342,15 @@ def _default_cache() -> Path:
     import os
 
     return Path(os.environ.get("EDGELLM_CACHE") or Path.home() / ".cache" / "edgellm") / "sensitivity"
+
+
+def _container_bytes(model) -> int:
+    """What a GGUF file holds besides tensor data (metadata, tokenizer, alignment): part of a file budget."""
+    source = Path(model.source)
+    tensors = list(model.weights.values())
+    if source.suffix.lower() != ".gguf" or not source.is_file() or any(t.raw is None for t in tensors):
+        return 0
+    return max(0, source.stat().st_size - sum(t.nbytes for t in tensors))
 
 
 def _attach_target(state, args) -> None:

@@ -19,7 +19,7 @@ from edgellm.errors import ConfigError
 
 @dataclass(frozen=True)
 class Budget:
-    max_bytes: int | None = None  # linear layers only (the embedding/lm_head are fixed)
+    max_bytes: int | None = None  # linear layers only (the allocate pass gives them what a smaller head frees)
     max_us: float | None = None  # summed linear latency per token
 
     def __post_init__(self) -> None:
@@ -53,7 +53,10 @@ def _options(units: Sequence[Unit], formats: Sequence[str], loss: Mapping[str, M
             if f not in loss.get(u.name, {}):
                 raise ConfigError(f"no sensitivity for unit {u.name} in format {f}; measure it first")
             kl[i, j] = max(0.0, loss[u.name][f])
-            size[i, j] = QUANT_FORMATS[f].nbytes(u.k, u.n) if f in QUANT_FORMATS else format_bytes(f, u.k, u.n)
+            if f == "auto" and u.auto_bytes is not None:
+                size[i, j] = u.auto_bytes  # the source's own blocks, whatever their type
+            else:
+                size[i, j] = QUANT_FORMATS[f].nbytes(u.k, u.n) if f in QUANT_FORMATS else format_bytes(f, u.k, u.n)
             lat[i, j] = cost_us(u, f) if cost_us else 0.0
     return kl, size, lat
 
@@ -91,6 +94,7 @@ def allocate_dp(units: Sequence[Unit], formats: Sequence[str], loss: Mapping[str
                 max_bytes: int, granularity: int = 4096) -> Allocation:
     """Exact for the size budget at `granularity`-byte resolution: DP over units x budget buckets."""
     kl, size, lat = _options(units, formats, loss, None)
+    _check_feasible(Budget(max_bytes=max_bytes), size, lat, formats)
     cap = max_bytes // granularity
     w = -(-size // granularity)  # ceil: never exceeds the real budget
     best = np.full(cap + 1, np.inf)

@@ -73,9 +73,11 @@ class AllocateParams:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats {bad or '(empty)'} invalid; valid: {', '.join(FORMATS)}")
-        bad = [f for f in self.head_formats if f != "auto" and f not in QUANT_FORMATS]
+        # the ONNX graph gathers tied embeddings from 4- or 8-bit blocks only
+        valid = ["auto", *(f for f, q in QUANT_FORMATS.items() if q.bits in (4, 8))]
+        bad = [f for f in self.head_formats if f not in valid]
         if bad or not self.head_formats:
-            raise ValueError(f"head_formats {bad or '(empty)'} invalid; valid: auto, {', '.join(QUANT_FORMATS)}")
+            raise ValueError(f"head_formats {bad or '(empty)'} invalid; valid: {', '.join(valid)}")
         if self.solver not in SOLVERS or self.episodes < 2:
             raise ValueError(f"solver {self.solver!r} (valid: {', '.join(SOLVERS)}), episodes {self.episodes} (>= 2)")
 
@@ -122,16 +124,22 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
     for u in loss:
         if "auto" in formats:  # the source's own blocks: no change, no loss (when transcoded exactly)
             loss[u]["auto"] = 0.0 if lossless else loss[u].get("int4", 0.0)
+    from dataclasses import replace as with_fields
+
     from edgellm.compress.rtn import head_bytes, quantize_head
     from edgellm.compress.solvers import solve
 
+    stored = state.model.weights
+    unit_list = [with_fields(u, auto_bytes=sum(_stored_bytes(stored[f"{m}.weight"]) for m in u.members))
+                 for u in units(state.model.config)]
+    heads = [h for h in p.head_formats if h == "auto" or state.target is None or state.target.supports("lm_head", h)]
     best, tried = None, {}
-    for head in p.head_formats:  # an exact outer choice: one solve per lm_head format
+    for head in heads:  # an exact outer choice: one solve per lm_head format
         freed = head_bytes(state.model, "auto") - head_bytes(state.model, head)
         budget = Budget(max_bytes=None if state.budget_bytes is None else state.budget_bytes + freed,
                         max_us=state.budget_us)
         try:
-            result = solve(p.solver, units(state.model.config), formats, loss, budget, cost_us=state.cost_us,
+            result = solve(p.solver, unit_list, formats, loss, budget, cost_us=state.cost_us,
                            seed=state.seed, episodes=p.episodes, progress=state.progress)
         except ConfigError as exc:
             tried[head] = str(exc)
@@ -163,6 +171,10 @@ def _head_sensitivity(state: CompressState, p: AllocateParams, config, table, ca
         if cache is not None:
             table.save(cache)
     return {f: 0.0 if f == "auto" else known[f] for f in p.head_formats}
+
+
+def _stored_bytes(tensor) -> int:
+    return tensor.blocks.stored_nbytes if tensor.qtype == "BLOCKQ" else tensor.nbytes
 
 
 def _lossless_auto(model: ModelDescription) -> bool:

@@ -124,11 +124,13 @@ def head_bytes(description: ModelDescription, fmt: str) -> int:
     """Stored bytes of the lm_head tensor (with tied embeddings: the one shared tensor) in format `fmt`
     ("auto": as the model holds it now)."""
     tensor = description.weights[description.lm_head_name()]
+    n, k = tensor.shape
     if fmt == "auto":
         return tensor.blocks.stored_nbytes if tensor.qtype == "BLOCKQ" else tensor.nbytes
+    if fmt == "fp32":
+        return 4 * n * k
     if fmt not in QUANT_FORMATS:
-        raise ConfigError(f"lm_head format {fmt!r} is not a block format; valid: auto, {', '.join(QUANT_FORMATS)}")
-    n, k = tensor.shape
+        raise ConfigError(f"lm_head format {fmt!r} is not a block format; valid: auto, fp32, {', '.join(QUANT_FORMATS)}")
     return QUANT_FORMATS[fmt].nbytes(k, n)
 
 

@@ -27,6 +27,7 @@ class Unit:
     members: tuple[str, ...]  # linear names, e.g. ("blk.3.attn_q", "blk.3.attn_k", "blk.3.attn_v")
     k: int
     n: int
+    auto_bytes: int | None = None  # stored bytes of the source's own tensors ("auto"), when known
 
     @property
     def n_weights(self) -> int:
