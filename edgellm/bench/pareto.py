@@ -153,7 +153,13 @@ def cache_key(entry: Entry, ctx: Context) -> str:
     if entry.kind == "recipe":
         r = load_recipe(entry.spec[0])
         recipe = {"seed": r.seed, "passes": [{"pass": p.name, **asdict(p.params)} for p in r.passes]}
-    data = {"v": CACHE_VERSION, "kind": entry.kind, "spec": list(entry.spec), "recipe": recipe,
+    table = None
+    if entry.kind == "recipe" and entry.spec[1] == "ms":  # a latency row depends on the measured cost table
+        from edgellm.compress.target import load_target
+
+        path = load_target(RECIPE_BUDGETS[entry.spec[0]]["target"]).cost_table
+        table = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    data = {"v": CACHE_VERSION, "kind": entry.kind, "spec": list(entry.spec), "recipe": recipe, "cost_table": table,
             "source": [str(ctx.source), ctx.source.stat().st_size], "text": EVAL_TEXT, "tokens": len(ctx.ids),
             "window": ctx.window, "threads": ctx.threads}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:20]
