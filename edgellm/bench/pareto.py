@@ -159,9 +159,11 @@ def cache_key(entry: Entry, ctx: Context) -> str:
 
         path = load_target(RECIPE_BUDGETS[entry.spec[0]]["target"]).cost_table
         table = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-    data = {"v": CACHE_VERSION, "kind": entry.kind, "spec": list(entry.spec), "recipe": recipe, "cost_table": table,
+    data = {"v": CACHE_VERSION, "kind": entry.kind, "spec": list(entry.spec), "recipe": recipe,
             "source": [str(ctx.source), ctx.source.stat().st_size], "text": EVAL_TEXT, "tokens": len(ctx.ids),
             "window": ctx.window, "threads": ctx.threads}
+    if table is not None:  # only latency rows carry it, so other rows keep their cached keys
+        data["cost_table"] = table
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[:20]
 
 
