@@ -118,7 +118,8 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             table.save(cache)
-    head_kl = _head_sensitivity(state, p, config, table, cache)
+    heads = [h for h in p.head_formats if h == "auto" or state.target is None or state.target.supports("lm_head", h)]
+    head_kl = _head_sensitivity(state, heads, config, table, cache)
     loss = {u: dict(v) for u, v in table.kl.items() if u != HEAD_UNIT}
     lossless = _lossless_auto(state.model)
     for u in loss:
@@ -126,13 +127,12 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
             loss[u]["auto"] = 0.0 if lossless else loss[u].get("int4", 0.0)
     from dataclasses import replace as with_fields
 
-    from edgellm.compress.rtn import head_bytes, quantize_head
+    from edgellm.compress.rtn import head_bytes, quantize_head, stored_bytes
     from edgellm.compress.solvers import solve
 
     stored = state.model.weights
-    unit_list = [with_fields(u, auto_bytes=sum(_stored_bytes(stored[f"{m}.weight"]) for m in u.members))
+    unit_list = [with_fields(u, auto_bytes=sum(stored_bytes(stored[f"{m}.weight"]) for m in u.members))
                  for u in units(state.model.config)]
-    heads = [h for h in p.head_formats if h == "auto" or state.target is None or state.target.supports("lm_head", h)]
     best, tried = None, {}
     for head in heads:  # an exact outer choice: one solve per lm_head format
         freed = head_bytes(state.model, "auto") - head_bytes(state.model, head)
@@ -158,23 +158,19 @@ def allocate_pass(state: CompressState, p: AllocateParams) -> None:
                                 "format_counts": {f: list(result.choice.values()).count(f) for f in formats}}
 
 
-def _head_sensitivity(state: CompressState, p: AllocateParams, config, table, cache) -> dict[str, float]:
+def _head_sensitivity(state: CompressState, heads: list[str], config, table, cache) -> dict[str, float]:
     """KL of each lm_head format (0 for "auto"), measured once and kept in the unit table's cache."""
     from edgellm.compress.sensitivity import HEAD_UNIT, calibration_ids, measure_head_sensitivity
     from edgellm.model.tokenizer import Tokenizer
 
     known = table.kl.setdefault(HEAD_UNIT, {})
-    missing = [f for f in p.head_formats if f != "auto" and f not in known]
+    missing = [f for f in heads if f != "auto" and f not in known]
     if missing:
         ids = calibration_ids(Tokenizer(state.model.tokenizer), config)
         known.update(measure_head_sensitivity(state.model, ids, config, missing))
         if cache is not None:
             table.save(cache)
-    return {f: 0.0 if f == "auto" else known[f] for f in p.head_formats}
-
-
-def _stored_bytes(tensor) -> int:
-    return tensor.blocks.stored_nbytes if tensor.qtype == "BLOCKQ" else tensor.nbytes
+    return {f: 0.0 if f == "auto" else known[f] for f in heads}
 
 
 def _lossless_auto(model: ModelDescription) -> bool:

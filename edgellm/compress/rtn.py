@@ -101,10 +101,8 @@ def linear_bytes(description: ModelDescription, plan: CompressionPlan) -> tuple[
         count += n * k
         if fmt in QUANT_FORMATS:
             total += QUANT_FORMATS[fmt].nbytes(k, n)
-        elif fmt == "auto" and tensor.qtype == "BLOCKQ":
-            total += tensor.blocks.stored_nbytes
-        elif fmt == "auto" and tensor.qtype in LOSSLESS_TRANSCODERS:
-            total += tensor.nbytes  # the GGUF's own blocks
+        elif fmt == "auto" and (tensor.qtype == "BLOCKQ" or tensor.qtype in LOSSLESS_TRANSCODERS):
+            total += stored_bytes(tensor)  # a pass's blocks, or the GGUF's own
         else:  # fp32, or "auto" for a source without a lossless block form
             total += 4 * n * k
     if count == 0:
@@ -112,12 +110,16 @@ def linear_bytes(description: ModelDescription, plan: CompressionPlan) -> tuple[
     return total, count
 
 
+def stored_bytes(tensor: WeightTensor) -> int:
+    """Bytes of one tensor as a file holds it: a pass's blocks with fp16 scales, else the source's own."""
+    return tensor.blocks.stored_nbytes if tensor.qtype == "BLOCKQ" else tensor.nbytes
+
+
 def other_bytes(description: ModelDescription) -> int:
     """Bytes of every tensor that is not a decoder linear (embedding/lm_head, norms) as the model stores
     them: what a size budget holds besides the linears the allocator chooses."""
     linear = {f"{name}.weight" for name in linear_names(description)}
-    return sum(t.nbytes if t.qtype != "BLOCKQ" else t.blocks.stored_nbytes
-               for name, t in description.weights.items() if name not in linear)
+    return sum(stored_bytes(t) for name, t in description.weights.items() if name not in linear)
 
 
 def head_bytes(description: ModelDescription, fmt: str) -> int:
@@ -126,7 +128,7 @@ def head_bytes(description: ModelDescription, fmt: str) -> int:
     tensor = description.weights[description.lm_head_name()]
     n, k = tensor.shape
     if fmt == "auto":
-        return tensor.blocks.stored_nbytes if tensor.qtype == "BLOCKQ" else tensor.nbytes
+        return stored_bytes(tensor)
     if fmt == "fp32":
         return 4 * n * k
     if fmt not in QUANT_FORMATS:
