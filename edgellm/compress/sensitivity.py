@@ -69,6 +69,16 @@ def calibration_ids(tokenizer, config: SensitivityConfig) -> list[int]:
     return ids[: config.tokens]
 
 
+def _windows(ids, window: int) -> list:
+    """Back-to-back calibration windows (a partial last window is dropped)."""
+    return [ids[s:s + window] for s in range(0, len(ids) - window + 1, window)]
+
+
+def _kl(base_logp, logq) -> float:
+    """Mean per-token KL(base || quantized) from log-probabilities."""
+    return float((base_logp.exp() * (base_logp - logq)).sum(-1).mean())
+
+
 def measure_sensitivity(description: ModelDescription, token_ids: Sequence[int], config: SensitivityConfig,
                         progress: bool = False, only: Sequence[Unit] | None = None) -> SensitivityTable:
     import torch
@@ -79,7 +89,7 @@ def measure_sensitivity(description: ModelDescription, token_ids: Sequence[int],
     model = LlamaModel(description)
     cfg = model.config
     ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-    windows = [ids[s:s + config.window] for s in range(0, len(ids) - config.window + 1, config.window)]
+    windows = _windows(ids, config.window)
 
     def run_from(layer: int, hidden: torch.Tensor) -> torch.Tensor:
         cache = KVCache.allocate(cfg, layer, cfg.n_layers, hidden.shape[0])
@@ -116,7 +126,7 @@ def measure_sensitivity(description: ModelDescription, token_ids: Sequence[int],
         with torch.no_grad():
             for w_inputs, w_base in zip(inputs, base, strict=True):
                 logq = run_from(unit.layer, w_inputs[unit.layer])
-                kl += float((w_base.exp() * (w_base - logq)).sum(-1).mean())
+                kl += _kl(w_base, logq)
         model.layers[unit.layer].update(saved)
         table.kl.setdefault(unit.name, {})[fmt] = kl / len(windows)
     return table
@@ -137,7 +147,7 @@ def measure_head_sensitivity(description: ModelDescription, token_ids: Sequence[
 
     name = description.lm_head_name()
     ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-    windows = [ids[s:s + config.window] for s in range(0, len(ids) - config.window + 1, config.window)]
+    windows = _windows(ids, config.window)
 
     def log_probs(desc: ModelDescription) -> list:
         model = LlamaModel(desc)
@@ -155,5 +165,5 @@ def measure_head_sensitivity(description: ModelDescription, token_ids: Sequence[
                                    source=description.source, file_type=description.file_type,
                                    metadata=dict(description.metadata))
         got = log_probs(changed)
-        out[fmt] = sum(float((b.exp() * (b - q)).sum(-1).mean()) for b, q in zip(base, got, strict=True)) / len(windows)
+        out[fmt] = sum(_kl(b, q) for b, q in zip(base, got, strict=True)) / len(windows)
     return out
