@@ -69,14 +69,14 @@ def test_q4_0_transcode_is_exact(tmp_path):
 
 def run_single_linear(w: BlockQuantized, x: np.ndarray, accuracy_level: int = 0) -> np.ndarray:
     b = GraphBuilder()
-    b.add_input("x", FLOAT, [1, "m", w.k])
+    b.add_input("x", FLOAT, ["m", w.k])  # the graph's 2-D token rows
     y = linear(b, "x", w, "probe", accuracy_level)
     b.op1("Identity", [y], outputs=["y"])
-    b.add_output("y", FLOAT, [1, "m", w.n])
+    b.add_output("y", FLOAT, ["m", w.n])
     model = b.model("probe", OPSET)
     onnx.checker.check_model(model)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(["y"], {"x": x[None].astype(np.float32)})[0][0]
+    return sess.run(["y"], {"x": x.astype(np.float32)})[0]
 
 
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.7.ffn_down.weight"])

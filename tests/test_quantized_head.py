@@ -97,10 +97,10 @@ def test_nibble_gather_equals_numpy_dequantization(tiny, tmp_path):
     b = GraphBuilder()
     ids = b.add_input("ids", onnx.TensorProto.INT64, [1, "S"])
     out = embedding(b, ids, blocks, tiny.config.hidden_size)
-    b.add_output(out, onnx.TensorProto.FLOAT, [1, "S", tiny.config.hidden_size])
+    b.add_output(out, onnx.TensorProto.FLOAT, ["S", tiny.config.hidden_size])  # 2-D token rows
     sess = ort.InferenceSession(b.model("embed", OPSET).SerializeToString())
     tokens = np.array([[0, 5, tiny.config.vocab_size - 1, 7]], np.int64)
-    got = sess.run(None, {"ids": tokens})[0][0]
+    got = sess.run(None, {"ids": tokens})[0]
     np.testing.assert_array_equal(got, blocks.dequantize()[tokens[0]])
 
 

@@ -147,17 +147,18 @@ def _variant(weight, c: int):
                    scales=np.roll(weight.scales.ravel(), c).reshape(weight.scales.shape), block_offsets=offsets)
 
 
-# x (1, M, K) ─► linear(W_c, format) ─► y_c (1, M, N), c = 0..C-1   (the exporter's lowering, offsets included)
+# x (M, K) ─► linear(W_c, format) ─► y_c (M, N), c = 0..C-1   (the exporter's lowering on its 2-D token rows,
+#                                                               offsets included)
 def _linear_graph(k: int, n: int, weight, copies: int, accuracy_level: int) -> tuple[Any, list[tuple[str, int]]]:
     from edgellm.export.onnx_builder import FLOAT, GraphBuilder
     from edgellm.export.onnx_graph import OPSET, linear
 
     b = GraphBuilder()
-    x = b.add_input("x", FLOAT, [1, "m", k])
+    x = b.add_input("x", FLOAT, ["m", k])
     outputs = []
     for c in range(copies):
         y = linear(b, x, _variant(weight, c), f"linear{c}", accuracy_level)
-        b.add_output(y, FLOAT, [1, "m", n])
+        b.add_output(y, FLOAT, ["m", n])
         outputs.append((y, n))
     return b.model("edgellm_linear_profile", OPSET), outputs
 
@@ -167,14 +168,14 @@ def _identity_graph(k: int) -> tuple[Any, list[tuple[str, int]]]:
     from edgellm.export.onnx_graph import OPSET
 
     b = GraphBuilder()
-    x = b.add_input("x", FLOAT, [1, "m", k])
+    x = b.add_input("x", FLOAT, ["m", k])
     y = b.op1("Identity", [x], name="y")
-    b.add_output(y, FLOAT, [1, "m", k])
+    b.add_output(y, FLOAT, ["m", k])
     return b.model("edgellm_call_overhead", OPSET), [(y, k)]
 
 
 class _Runner:
-    """One graph in its own session, bound through IO binding to an input (1, M, K) and its outputs."""
+    """One graph in its own session, bound through IO binding to an input (M, K) and its outputs."""
 
     def __init__(self, model, outputs: list[tuple[str, int]], threads: int) -> None:
         import onnxruntime as ort
@@ -194,10 +195,10 @@ class _Runner:
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        x = np.random.default_rng(1).standard_normal((1, m, k), dtype=np.float32)
+        x = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
         binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x))
         for name, n in self.outputs:
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_shape_and_type((1, m, n), np.float32,
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_shape_and_type((m, n), np.float32,
                                                                                          "cpu", 0))
         for _ in range(warmup):
             self.session.run_with_iobinding(binding)

@@ -4,6 +4,10 @@ One graph serves prefill (sequence > 1) and decode (sequence 1). The KV cache is
 output per layer in GroupQueryAttention's BNSH layout; the runtime binds each layer's past and present
 to the same preallocated buffer, so a token appends in place instead of copying the cache.
 
+Inside, the residual stream is 2-D (batch x sequence tokens, hidden): every op but attention is per
+token, and 2-D rows let a Q4_1 offset correction end in one Gemm (C input = the int4 product) instead
+of MatMul + Add, one node fewer per linear. Attention sees the 3-D view through the `seq_shape` tensor.
+
 Graph inputs                         shape
   input_ids                          (batch, sequence) int64
   past_key_values.{i}.key/.value     (batch, n_kv_heads of layer i, cache_sequence, head_dim) float32
@@ -35,6 +39,8 @@ from edgellm.export.onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBui
 from edgellm.model.config import ModelConfig
 
 OPSET = 23  # RMSNormalization
+OFFSET_SUMS = ("reducesum", "matmul", "drop")
+SEQ_SHAPE = "seq_shape"  # int64 [batch, sequence, -1]: the 3-D view of the 2-D token rows
 Weight = BlockQuantized | np.ndarray  # fp32 arrays are (N, K) like the model description
 
 
@@ -44,11 +50,11 @@ class LoweringOptions:
     lm_head_accuracy_level: int = 4
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
-    offset_sums: str = "reducesum"  # block sums of x: "reducesum", "matmul" (x @ E), "einsum"; "drop" = ablation
+    offset_sums: str = "reducesum"  # block sums of x: "reducesum" or "matmul" (x @ E); "drop" = timing ablation
 
     def __post_init__(self) -> None:
-        if self.offset_sums not in ("reducesum", "matmul", "einsum", "drop"):
-            raise ConfigError(f"offset_sums {self.offset_sums!r} unknown; valid: reducesum, matmul, einsum, drop")
+        if self.offset_sums not in OFFSET_SUMS:
+            raise ConfigError(f"offset_sums {self.offset_sums!r} unknown; valid: {', '.join(OFFSET_SUMS)}")
         for key in ("accuracy_level", "lm_head_accuracy_level"):
             if getattr(self, key) not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{key} must be 0-4, found {getattr(self, key)}")
@@ -74,9 +80,9 @@ def _concat_weights(parts: list[Weight]) -> Weight | None:
     )
 
 
-# x ──► MatMulNBits(packed, scales) ───────────────► Add ──► y        (block-quantized weights)
-#  └──► MatMul(E: K x K/32) ──► MatMul(offsets) ─────┘                 (only for Q4_1-style offsets)
-#        block sums of x         (K/32 x N)
+# x (M, K) ──► MatMulNBits(packed, scales) ───────────────────────► Gemm(S, C) + y ──► y (M, N)
+#  └──► Reshape(M, K/32, 32) ──► ReduceSum ──► S (M, K/32) ─────────┘   (only Q4_1-style offsets;
+#        block sums of x                                  C: (K/32, N)     x is 2-D rows there)
 def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int, offset_sums: str = "reducesum") -> str:
     """y = x @ W^T for W in any supported storage; exact to fp32 rounding for transcoded blocks."""
     if isinstance(w, np.ndarray):
@@ -84,26 +90,17 @@ def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int, o
     y = b.op1("MatMulNBits", [x, b.const(f"{name}.qweight", w.packed), b.const(f"{name}.scales", w.scales)],
               name=name, domain=MS_DOMAIN, K=w.k, N=w.n, bits=w.bits, block_size=w.block_size,
               accuracy_level=accuracy_level)
-    if w.block_offsets is None:
+    if w.block_offsets is None or offset_sums == "drop":  # "drop": speed ablation only, NOT the model's weights
         return y
-    if offset_sums == "drop":  # speed experiments only: NOT the model's weights
-        return y
-    if offset_sums == "einsum":
-        shape = b.const(f"shape_blocks_{w.k}_{w.block_size}", np.array([0, 0, w.k // w.block_size, w.block_size], np.int64))
-        blocks = b.op1("Reshape", [x, shape], name=f"{name}/blocks")
-        corr = b.op1("Einsum", [blocks, b.const(f"{name}.block_offsets", w.block_offsets)], name=f"{name}/offset",
-                     equation="xyij,in->xyn")
-        return b.op1("Add", [y, corr], name=f"{name}/add_offset")
     if offset_sums == "reducesum":
-        shape = b.const(f"shape_blocks_{w.k}_{w.block_size}", np.array([0, 0, w.k // w.block_size, w.block_size], np.int64))
+        shape = b.const(f"shape_blocks_{w.k}_{w.block_size}", np.array([-1, w.k // w.block_size, w.block_size], np.int64))
         blocks = b.op1("Reshape", [x, shape], name=f"{name}/blocks")
         sums = b.op1("ReduceSum", [blocks, b.const("axes_last", np.array([-1], np.int64))], name=f"{name}/block_sums",
                      keepdims=0)
     else:
         sums = b.op1("MatMul", [x, b.const(f"block_sum_{w.k}_{w.block_size}", _block_indicator(w.k, w.block_size))],
                      name=f"{name}/block_sums")
-    corr = b.op1("MatMul", [sums, b.const(f"{name}.block_offsets", w.block_offsets)], name=f"{name}/offset")
-    return b.op1("Add", [y, corr], name=f"{name}/add_offset")
+    return b.op1("Gemm", [sums, b.const(f"{name}.block_offsets", w.block_offsets), y], name=f"{name}/add_offset")
 
 
 def _block_indicator(k: int, block: int) -> np.ndarray:
@@ -113,11 +110,14 @@ def _block_indicator(k: int, block: int) -> np.ndarray:
 
 
 # ids ─► Gather(q8 rows) ─► Cast ─► Sub(zero point) ─► Mul ◄─ Unsqueeze ◄─ Gather(scales)
-#                                                       └─► [+ offsets] ─► Reshape(batch, seq, hidden)
+#                                                       └─► [+ offsets] ─► Reshape(tokens, hidden)
 def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
-    """Token embedding gathered straight from the quantized blocks: only the looked-up rows are widened."""
+    """Token rows (batch x sequence, hidden), gathered straight from the quantized blocks: only the
+    looked-up rows are widened."""
+    rows_2d = b.const("shape_rows_hidden", np.array([-1, hidden], np.int64))
     if isinstance(w, np.ndarray):
-        return b.op1("Gather", [b.const("token_embd.weight", w.astype(np.float32)), ids], name="embed")
+        table = b.op1("Gather", [b.const("token_embd.weight", w.astype(np.float32)), ids], name="embed")
+        return b.op1("Reshape", [table, rows_2d], name="embed/rows_2d")
     if w.bits not in (4, 8):
         raise ConfigError(f"quantized embeddings are gathered from 4- or 8-bit blocks, found {w.bits}-bit")
     # A separate initializer from the lm_head's on purpose: ONNX Runtime prepacks the lm_head into its own
@@ -136,8 +136,15 @@ def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
                         name="embed/offsets")  # (B,S,nb)
         offsets = b.op1("Unsqueeze", [offsets, axes], name="embed/unsq_offsets")
         scaled = b.op1("Add", [scaled, offsets], name="embed/add_offset")
-    shape = b.const("shape_bs_hidden", np.array([0, 0, hidden], np.int64))
-    return b.op1("Reshape", [scaled, shape], name="embed/reshape")
+    return b.op1("Reshape", [scaled, rows_2d], name="embed/reshape")
+
+
+# ids (batch, sequence) or hidden (batch, sequence, H) ─► Shape(end=2) ─► Concat([-1]) ─► seq_shape
+def sequence_shape(b: GraphBuilder, source: str, prefix: str = "embed") -> str:
+    """[batch, sequence, -1]: reshapes the 2-D token rows back to the 3-D tensors attention takes."""
+    dims = b.op1("Shape", [source], name=f"{prefix}/shape", end=2)
+    return b.op1("Concat", [dims, b.const("minus_one", np.array([-1], np.int64))], outputs=[SEQ_SHAPE],
+                 name=f"{prefix}/seq_shape", axis=0)
 
 
 # packed (B,S,nb,bs/2) ─► BitShift(<<4) ─► BitShift(>>4) = low nibbles ─► Unsqueeze ─┐
@@ -155,18 +162,20 @@ def _nibbles(b: GraphBuilder, packed: str, block_size: int) -> str:
     return b.op1("Reshape", [pair, shape], name="embed/codes")
 
 
-# qkv (B,S,(Hq+2Hkv)d) ─► GroupQueryAttention(rotary, packed QKV) ─► (B,S,Hq d)
-#      past k/v (B,Hkv,L,d) ─┘        └─► present k/v (same buffer as past when bound so)
+# qkv rows (B*S,(Hq+2Hkv)d) ─► Reshape(seq_shape) ─► GroupQueryAttention(rotary, packed QKV) ─► Reshape ─► (B*S, Hq d)
+#                  past k/v (B,Hkv,L,d) ─────────────────┘        └─► present k/v (same buffer as past when bound so)
 def attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, seqlens: str, total: str,
               cos: str, sin: str) -> str:
+    qkv_3d = b.op1("Reshape", [qkv, SEQ_SHAPE], name=f"blk.{i}.attention/to_3d")
     out = b.op(
         "GroupQueryAttention",
-        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, cos, sin],
+        [qkv_3d, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, cos, sin],
         outputs=[f"attn_out.{i}", f"present.{i}.key", f"present.{i}.value"], name=f"blk.{i}.attention",
         domain=MS_DOMAIN, num_heads=cfg.n_heads_at(i), kv_num_heads=cfg.n_kv_heads_at(i), do_rotary=1,
         rotary_interleaved=1 if cfg.rope_style == "interleaved" else 0,
     )
-    return out[0]
+    rows = b.const(f"shape_rows_{cfg.n_heads_at(i) * cfg.head_dim}", np.array([-1, cfg.n_heads_at(i) * cfg.head_dim], np.int64))
+    return b.op1("Reshape", [out[0], rows], name=f"blk.{i}.attention/to_rows")
 
 
 # gate_up (B,S,2F) ─► Split ─► g ─► Sigmoid ─► Mul(g) ─► Mul(u) ─► (B,S,F)
@@ -215,20 +224,35 @@ def build_llama_graph(cfg: ModelConfig, norms: Mapping[str, np.ndarray], linears
     cos, sin = b.const("rope.cos", cos_t), b.const("rope.sin", sin_t)
 
     x = embedding(b, ids, embed, cfg.hidden_size)
+    sequence_shape(b, ids)
     residual: str | None = None
     for i in range(cfg.n_layers):
         x, residual = _block(b, cfg, i, x, residual, norms, linears, seqlens, total, cos, sin, options)
     h, _ = skip_norm(b, x, residual, norms["output_norm"], cfg.norm_eps, "output_norm")
-    neg_keep = b.op1("Neg", [keep], name="logits/neg_keep")
-    h = b.op1("Slice", [h, neg_keep, b.const("int64_max", np.array([2**62], np.int64)),
-                        b.const("axis_seq", np.array([1], np.int64))], name="logits/keep")
-    logits = linear(b, h, lm_head, "lm_head", options.lm_head_accuracy_level)
+    logits = _kept_logits(b, h, keep, lm_head, cfg, options)
     b.op1("Identity", [logits], outputs=["logits"], name="logits/out")
     b.add_output("logits", FLOAT, ["batch", "logits_len", cfg.vocab_size])
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
             b.add_output(f"present.{i}.{kind}", FLOAT, ["batch", cfg.n_kv_heads_at(i), "present_sequence", cfg.head_dim])
     return b.model("edgellm_llama", OPSET)
+
+
+# rows (B*S, H) ─► Reshape(seq_shape) ─► Slice(last `keep` positions) ─► Shape(end=2) ─► Concat([V]) ──┐
+#                                             └─► Reshape(rows) ─► linear(lm_head) ─► Reshape ◄─────────┘ (B, keep, V)
+def _kept_logits(b: GraphBuilder, h: str, keep: str, lm_head: Weight, cfg: ModelConfig, options: LoweringOptions) -> str:
+    """The lm_head on the last `keep` positions of each sequence only (decode keeps 1)."""
+    h3 = b.op1("Reshape", [h, SEQ_SHAPE], name="logits/to_3d")
+    neg_keep = b.op1("Neg", [keep], name="logits/neg_keep")
+    kept = b.op1("Slice", [h3, neg_keep, b.const("int64_max", np.array([2**62], np.int64)),
+                           b.const("axis_seq", np.array([1], np.int64))], name="logits/keep")
+    rows = b.op1("Reshape", [kept, b.const("shape_rows_hidden", np.array([-1, cfg.hidden_size], np.int64))],
+                 name="logits/rows")
+    flat = linear(b, rows, lm_head, "lm_head", options.lm_head_accuracy_level, options.offset_sums)
+    dims = b.op1("Shape", [kept], name="logits/shape", end=2)
+    shape = b.op1("Concat", [dims, b.const("vocab_dim", np.array([cfg.vocab_size], np.int64))], name="logits/out_shape",
+                  axis=0)
+    return b.op1("Reshape", [flat, shape], name="logits/to_3d_out")
 
 
 # x, residual ─► SkipSimplifiedLayerNorm(attn_norm) ─► linear(QKV fused) ─► GroupQueryAttention ─► linear(o)

@@ -6,12 +6,13 @@ layer through the exporter's naming convention (`blk.{i}.` prefixes; `embed/` be
 else after the last layer), and the cut graph keeps the artifact's external data file, so no weight is
 copied on disk.
 
-Boundaries (the residual stream is the only state that crosses a layer boundary):
+Boundaries (the residual stream is the only state that crosses a layer boundary; it crosses as
+(batch, sequence, hidden), while inside the graph it is 2-D token rows, see onnx_graph):
 
-    start > 0:  hidden_states ─► SkipSimplifiedLayerNorm(skip = hidden_states * 0) ─► attn_norm output
-                                      └─► sum (= hidden_states): the residual stream of layer start
-    stop < n:   ffn output of layer stop-1 ─► Add ◄─ residual ─► hidden_out   (the sum the next fused
-                                                                              skip-norm would form)
+    start > 0:  hidden_states ─► Reshape(rows) ─► SkipSimplifiedLayerNorm(skip = rows * 0) ─► attn_norm output
+                     └─► Shape ─► seq_shape           └─► sum (= hidden rows): the residual stream of layer start
+    stop < n:   ffn output of layer stop-1 ─► Add ◄─ residual ─► Reshape(seq_shape) ─► hidden_out   (the sum
+                                                                              the next fused skip-norm would form)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from edgellm.errors import ConfigError, ModelFormatError, missing_extra
+from edgellm.export.onnx_graph import SEQ_SHAPE
 
 try:
     import onnx
@@ -29,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 MS_DOMAIN = "com.microsoft"
+HIDDEN_ROWS = "range/hidden_rows"
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def cut_layers(model: onnx.ModelProto, start: int, stop: int, n_layers: int, hid
             raise ModelFormatError(f"the exported graph has no node {needed!r}; re-export it with this edgellm version")
     lo = -1 if start == 0 else start
     hi = n_layers if stop == n_layers else stop - 1
-    nodes = []
+    nodes = _entry_rows(hidden) if start > 0 else []
     for node in g.node:
         if not lo <= _owner(node.name, n_layers) <= hi:
             continue
@@ -77,7 +80,8 @@ def cut_layers(model: onnx.ModelProto, start: int, stop: int, n_layers: int, hid
         nodes.append(node)
     if stop < n_layers:
         boundary = by_name[f"blk.{stop}.attn_norm"]
-        nodes.append(helper.make_node("Add", [boundary.input[0], boundary.input[1]], ["hidden_out"], name="range/hidden_out"))
+        nodes.append(helper.make_node("Add", [boundary.input[0], boundary.input[1]], ["range/out_rows"], name="range/out_rows"))
+        nodes.append(helper.make_node("Reshape", ["range/out_rows", SEQ_SHAPE], ["hidden_out"], name="range/hidden_out"))
 
     used = {i for n in nodes for i in n.input if i}
     produced = {o for n in nodes for o in n.output if o}
@@ -87,25 +91,36 @@ def cut_layers(model: onnx.ModelProto, start: int, stop: int, n_layers: int, hid
     outputs = [vi for vi in g.output if vi.name in produced]
     if stop < n_layers:
         outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT, ["batch", "sequence", hidden]))
-    initializers = [t for t in g.initializer if t.name in used]
+    initializers = [t for t in g.initializer if t.name in used and not t.name.startswith("range/")]
     if start > 0:
         initializers.append(helper.make_tensor("range/zero", TensorProto.FLOAT, [], [0.0]))
+        initializers.append(helper.make_tensor("range/rows", TensorProto.INT64, [2], [-1, hidden]))
+        initializers.append(helper.make_tensor("range/minus_one", TensorProto.INT64, [1], [-1]))
     graph = helper.make_graph(nodes, f"{g.name}_layers_{start}_{stop}", inputs, outputs, initializers)
     cut = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     return cut
+
+
+def _entry_rows(hidden: int) -> list[onnx.NodeProto]:
+    """hidden_states (batch, sequence, hidden) as the graph's 2-D rows, and the seq_shape attention needs."""
+    return [
+        helper.make_node("Reshape", ["hidden_states", "range/rows"], [HIDDEN_ROWS], name="range/hidden_rows"),
+        helper.make_node("Shape", ["hidden_states"], ["range/dims"], name="range/shape", end=2),
+        helper.make_node("Concat", ["range/dims", "range/minus_one"], [SEQ_SHAPE], name="range/seq_shape", axis=0),
+    ]
 
 
 def _entry_norm(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """The first layer's fused skip-norm, rewritten to start from a given residual stream."""
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
     if node.op_type == "RMSNormalization":
-        return [helper.make_node("RMSNormalization", ["hidden_states", node.input[1]], [node.output[0]],
+        return [helper.make_node("RMSNormalization", [HIDDEN_ROWS, node.input[1]], [node.output[0]],
                                  name=node.name, axis=-1, epsilon=eps, stash_type=1)]
     if node.op_type != "SkipSimplifiedLayerNormalization" or len(node.output) < 4 or not node.output[3]:
         raise ModelFormatError(f"node {node.name!r} is a {node.op_type}, not the skip-norm a layer starts with")
     # The same fused kernel on (hidden, 0) as the whole graph runs on (x, residual): its sum is hidden + 0
     # = x + residual to the bit, so the cut reproduces the whole graph exactly, int8 activations included.
-    zeros = helper.make_node("Mul", ["hidden_states", "range/zero"], ["range/zeros"], name=f"{node.name}/zeros")
-    fused = helper.make_node("SkipSimplifiedLayerNormalization", ["hidden_states", "range/zeros", node.input[2]],
+    zeros = helper.make_node("Mul", [HIDDEN_ROWS, "range/zero"], ["range/zeros"], name=f"{node.name}/zeros")
+    fused = helper.make_node("SkipSimplifiedLayerNormalization", [HIDDEN_ROWS, "range/zeros", node.input[2]],
                              list(node.output), name=node.name, domain=MS_DOMAIN, epsilon=eps)
     return [zeros, fused]
