@@ -328,9 +328,13 @@ def test_cli_eval_ppl(cli_export):
 def test_cli_bench_against_llamacpp(cli_export, tmp_path):
     result_path = tmp_path / "bench.json"
     edgellm("bench", str(cli_export), "--vs", "llama.cpp", "--threads", "2", "--rounds", "1", "--reps", "1",
-            "--n-prompt", "16", "--n-decode", "8", "--ppl-tokens", "0", "--json", str(result_path))
+            "--n-prompt", "16", "--n-decode", "8", "--ppl-tokens", "0", "--json", str(result_path),
+            "--lookup", "3", "--prompt-corpus", "asyoulik.txt")
     result = json.loads(result_path.read_text())
-    keys = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "file_mb")
+    keys = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "file_mb", "decode_lookup_tok_s")
+    for engine in result["engines"].values():  # 8 tokens: at least one per pass, at most 1 + 3 guesses
+        assert 1 <= engine["lookup_tokens_per_pass"] <= 4 and isinstance(engine["lookup_same_tokens"], bool)
+    assert result["config"]["prompt_text"] == "asyoulik.txt" and result["config"]["lookup"] == 3
     assert set(result["engines"]) == {"edgellm-ort", "llama.cpp"}
     for label, engine in result["engines"].items():
         for key in keys:

@@ -22,8 +22,10 @@ from pathlib import Path
 from edgellm.errors import BenchmarkError, ConfigError
 
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s")
+LOOKUP_METRICS = ("decode_lookup_tok_s", "lookup_tokens_per_pass")  # with BenchConfig.lookup > 0
+RATIO_KEYS = (*METRICS, "decode_lookup_tok_s", "file_mb", "ppl")
 HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s": True, "ttft_ms": False, "peak_rss_mb": False,
-                    "load_s": False, "file_mb": False, "ppl": False}
+                    "load_s": False, "file_mb": False, "ppl": False, "decode_lookup_tok_s": True}
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,13 @@ class BenchConfig:
     reps: int = 2  # timed runs inside each process
     ppl_tokens: int = 8192  # 0 skips perplexity
     prompt_text: str = "alice29.txt"
+    lookup: int = 0  # > 0: also time prompt-lookup drafting with up to this many guesses, in its own workers
 
     def __post_init__(self) -> None:
         if min(self.threads, self.n_prompt, self.n_decode, self.rounds, self.reps) < 1:
             raise ConfigError("threads, n_prompt, n_decode, rounds and reps must all be >= 1")
+        if self.lookup < 0:
+            raise ConfigError(f"lookup must be >= 0 (0 = off), found {self.lookup}")
         if self.ppl_tokens < 0:
             raise ConfigError(f"ppl_tokens must be >= 0 (0 skips perplexity), found {self.ppl_tokens}")
 
@@ -75,15 +80,17 @@ def _cpu_model() -> str:
 def prompt_ids(tokenizer, config: BenchConfig) -> list[int]:
     from edgellm.corpus import canterbury_path
 
-    text = canterbury_path(config.prompt_text).read_bytes().decode("utf-8")
-    ids = tokenizer.encode(text[10000:])  # prose, past the title page
+    text = canterbury_path(config.prompt_text).read_bytes().decode("utf-8", errors="replace")
+    ids = tokenizer.encode(text[min(10000, len(text) // 4):])  # past a title page (alice29: character 10000)
+    if len(ids) < config.n_prompt:
+        raise ConfigError(f"{config.prompt_text} gives {len(ids)} prompt tokens, fewer than --n-prompt {config.n_prompt}")
     return ids[: config.n_prompt]
 
 
-def _run_worker(engine: Engine, config: BenchConfig, prompt_file: str) -> dict:
+def _run_worker(engine: Engine, config: BenchConfig, prompt_file: str, lookup: int = 0) -> dict:
     cmd = [sys.executable, "-m", "edgellm.bench.speed_worker", engine.backend, engine.model,
            "--threads", str(config.threads), "--prompt-ids", prompt_file, "--n-decode", str(config.n_decode),
-           "--reps", str(config.reps)]
+           "--reps", str(config.reps), "--lookup", str(lookup)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -98,7 +105,9 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
     busy = os.getloadavg()[0] / (os.cpu_count() or 1)
     if busy > 0.5:
         log(f"warning: load average is {busy:.1f} per core before the run; timings will be noisy")
-    samples: dict[str, dict[str, list[float]]] = {e.label: {m: [] for m in METRICS} for e in engines}
+    metrics = METRICS + (LOOKUP_METRICS if config.lookup else ())
+    samples: dict[str, dict[str, list[float]]] = {e.label: {m: [] for m in metrics} for e in engines}
+    same_tokens: dict[str, list[bool]] = {e.label: [] for e in engines}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(ids, fh)
         prompt_file = fh.name
@@ -114,6 +123,14 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
                 s["load_s"].append(out["load_s"])
                 log(f"round {r + 1}/{config.rounds} {engine.label}: decode "
                     f"{statistics.median(x['decode_tok_s'] for x in out['runs']):.1f} tok/s")
+                if config.lookup:  # its own process: llama.cpp keeps every position's logits for it
+                    out = _run_worker(engine, config, prompt_file, lookup=config.lookup)
+                    for run in out["runs"]:
+                        for m in LOOKUP_METRICS:
+                            s[m].append(run[m])
+                        same_tokens[engine.label].append(run["same_tokens"])
+                    log(f"round {r + 1}/{config.rounds} {engine.label}: decode with lookup "
+                        f"{statistics.median(x['decode_lookup_tok_s'] for x in out['runs']):.1f} tok/s")
     finally:
         os.unlink(prompt_file)
     result = {"config": config.__dict__, "machine": machine_tag(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -125,6 +142,8 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
         med["model"] = engine.model
         if ppl_fn is not None and config.ppl_tokens:
             med["ppl"] = ppl_fn(engine)
+        if config.lookup:
+            med["lookup_same_tokens"] = all(same_tokens[engine.label])
         med["samples"] = samples[engine.label]
         result["engines"][engine.label] = med
     labels = [e.label for e in engines]
@@ -134,7 +153,7 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
         for label in labels[:-1]:
             ours = result["engines"][label]
             result.setdefault("ratios", {})[f"{label}/{labels[-1]}"] = {
-                m: ours[m] / base[m] for m in (*METRICS, "file_mb", "ppl") if m in ours and base.get(m)
+                m: ours[m] / base[m] for m in RATIO_KEYS if m in ours and base.get(m)
             }
     return result
 
@@ -145,7 +164,7 @@ def add_ratios(result: dict, label: str, against: list[str]) -> None:
     for other in against:
         base = result["engines"][other]
         result.setdefault("ratios", {})[f"{label}/{other}"] = {
-            m: ours[m] / base[m] for m in (*METRICS, "file_mb", "ppl") if m in ours and base.get(m)}
+            m: ours[m] / base[m] for m in RATIO_KEYS if m in ours and base.get(m)}
 
 
 def format_table(result: dict) -> str:
@@ -154,7 +173,7 @@ def format_table(result: dict) -> str:
     ratios = result.get("ratios", {})
     rows = ["| metric | " + " | ".join(labels) + " |" + "".join(f" {r} |" for r in ratios),
             "|---|" + "---|" * (len(labels) + len(ratios))]
-    for m in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "file_mb", "load_s", "ppl"):
+    for m in ("prefill_tok_s", "decode_tok_s", *LOOKUP_METRICS, "ttft_ms", "peak_rss_mb", "file_mb", "load_s", "ppl"):
         if not all(m in result["engines"][lb] for lb in labels):
             continue
         cells = [f"{result['engines'][lb][m]:.2f}" for lb in labels]

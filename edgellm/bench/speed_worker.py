@@ -2,6 +2,8 @@
 
 Run in its own process so that peak RSS and load time belong to that engine alone.
     python -m edgellm.bench.speed_worker ENGINE MODEL --threads 2 --prompt-ids F --n-decode 128 --reps 3
+With --lookup K the decode is prompt-lookup drafting (edgellm.runtime.lookup, up to K guesses per pass;
+llama.cpp then keeps every position's logits), timed beside a plain greedy decode of the same tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +45,46 @@ def run(engine: str, model_path: str, threads: int, prompt: list[int], n_decode:
     return {"engine": engine, "load_s": load_s, "runs": runs, "peak_rss_mb": peak_rss_kb() / 1024}
 
 
+def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_decode: int, reps: int,
+               max_draft: int) -> dict:
+    """Greedy decode with drafting: tokens/s, forward passes per token, and whether the tokens are the
+    plain decode's (an int8-activation engine may flip a near tie between pass shapes)."""
+    from edgellm.model.loader import load_model
+    from edgellm.runtime.generation import decode_tokens
+    from edgellm.runtime.lookup import LookupConfig
+    from edgellm.runtime.registry import create_backend
+    from edgellm.runtime.sampling import Sampler, SamplingConfig
+
+    model = load_model(model_path)
+    backend = create_backend(engine, model, threads=threads, **({"logits_all": True} if engine == "llama.cpp" else {}))
+    session = backend.open_session(max_tokens=len(prompt) + n_decode + 1)
+    greedy = SamplingConfig(greedy=True)
+    passes = [0]
+    forward = session.forward
+
+    def counted(inputs, all_logits=False):
+        passes[0] += 1
+        return forward(inputs, all_logits)
+
+    session.forward = counted
+
+    def decode(lookup: LookupConfig | None) -> tuple[list[int], float, int]:
+        session.reset()
+        logits = session.forward(np.asarray(prompt))[-1]
+        passes[0] = 0
+        t = time.perf_counter()
+        tokens = [tok for tok, _ in decode_tokens(session, logits, list(prompt), Sampler(greedy), n_decode, lookup)]
+        return tokens, time.perf_counter() - t, passes[0]
+
+    plain, _, _ = decode(None)
+    runs = []
+    for _ in range(reps):
+        tokens, seconds, n_passes = decode(LookupConfig(max_draft=max_draft))
+        runs.append({"decode_lookup_tok_s": n_decode / seconds, "lookup_tokens_per_pass": n_decode / max(n_passes, 1),
+                     "same_tokens": tokens == plain})
+    return {"engine": engine, "runs": runs}
+
+
 def peak_rss_kb() -> int:
     """This process's peak resident set: VmHWM (reset by exec, unlike ru_maxrss, which a child inherits)."""
     try:
@@ -63,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-ids", required=True, help="JSON file with the prompt token ids")
     p.add_argument("--n-decode", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--lookup", type=int, default=0, metavar="K", help="time prompt-lookup drafting instead")
     a = p.parse_args(argv)
     with open(a.prompt_ids) as fh:
         prompt = json.load(fh)
-    print(json.dumps(run(a.engine, a.model, a.threads, prompt, a.n_decode, a.reps)))
+    if a.lookup:
+        print(json.dumps(run_lookup(a.engine, a.model, a.threads, prompt, a.n_decode, a.reps, a.lookup)))
+    else:
+        print(json.dumps(run(a.engine, a.model, a.threads, prompt, a.n_decode, a.reps)))
     return 0
 
 

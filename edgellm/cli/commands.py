@@ -123,8 +123,16 @@ def _generation_config(args: argparse.Namespace):
         greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
     )
+    from edgellm.runtime.lookup import LookupConfig
+
     return GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=tuple(args.stop),
-                            stop_at_eos=not args.ignore_eos)
+                            stop_at_eos=not args.ignore_eos,
+                            lookup=LookupConfig(max_draft=args.lookup) if args.lookup else None)
+
+
+def _lookup_options(args: argparse.Namespace) -> dict:
+    """Drafting verifies several positions per pass: llama.cpp must keep every position's logits."""
+    return {"logits_all": True} if args.lookup and args.backend == "llama.cpp" else {}
 
 
 def _chat_ids(model, tok, messages) -> list[int]:
@@ -147,9 +155,11 @@ def generate(args: argparse.Namespace) -> int:
     if args.offload:
         from edgellm.cli.offload_command import generate_offloaded
 
+        if gen.lookup is not None:
+            raise ConfigError("--lookup does not combine with --offload (the offloader plans one token per pass)")
         events = generate_offloaded(args, model, tok, prompt_ids, gen)
     else:
-        backend = _backend(args, model)
+        backend = _backend(args, model, **_lookup_options(args))
         session = backend.open_session(max_tokens=min(model.config.context_length,
                                                       len(prompt_ids) + gen.max_new_tokens))
         events = run(session, tok, prompt_ids, gen)
@@ -176,7 +186,7 @@ def chat(args: argparse.Namespace) -> int:
 
     model = _load(args)
     tok = _tokenizer(model)
-    backend = _backend(args, model)
+    backend = _backend(args, model, **_lookup_options(args))
     gen = _generation_config(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -247,7 +257,8 @@ def bench(args: argparse.Namespace) -> int:
     from edgellm.model.loader import load_model
 
     config = BenchConfig(threads=args.threads, n_prompt=args.n_prompt, n_decode=args.n_decode, rounds=args.rounds,
-                         reps=args.reps, ppl_tokens=args.ppl_tokens)
+                         reps=args.reps, ppl_tokens=args.ppl_tokens, lookup=args.lookup,
+                         prompt_text=args.prompt_corpus)
     for extra in args.also:
         if not (Path(extra) / "model.onnx").is_file():
             raise ConfigError(f"--also {extra}: not an ONNX export directory (no model.onnx)")

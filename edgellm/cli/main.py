@@ -52,6 +52,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument("--lookup", type=_non_negative_int, default=0, metavar="K",
+                   help="prompt-lookup drafting: each forward pass also checks up to K tokens that followed the "
+                        "context's latest n-gram match; same tokens as without (same seed when sampling), fewer "
+                        "passes when the text repeats its context (default 0 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,9 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="export plan when MODEL is not already an export")
     p.add_argument("--n-prompt", type=_positive_int, default=128, help="prompt tokens (prefill)")
     p.add_argument("--n-decode", type=_positive_int, default=128, help="generated tokens (decode)")
+    p.add_argument("--prompt-corpus", default="alice29.txt", metavar="NAME",
+                   help="Canterbury corpus file the prompt tokens come from: alice29.txt (default), asyoulik.txt "
+                        "(verse), lcet10.txt (technical report), plrabn12.txt (epic poem)")
     p.add_argument("--rounds", type=_positive_int, default=3, help="fresh processes per engine, interleaved")
     p.add_argument("--reps", type=_positive_int, default=2, help="timed runs per process")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="alice29 tokens for perplexity (0 skips)")
+    p.add_argument("--lookup", type=_non_negative_int, default=0, metavar="K",
+                   help="also time greedy decode with prompt-lookup drafting (up to K guesses per pass) on every "
+                        "engine, in separate worker processes: decode_lookup_tok_s, lookup_tokens_per_pass")
     p.add_argument("--json", metavar="OUT", default=None, help="write the result JSON here")
     return parser
 

@@ -8,6 +8,7 @@ has to take back.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import numpy as np
 from edgellm.errors import ConfigError, ContextOverflowError
 from edgellm.model.tokenizer import Tokenizer
 from edgellm.runtime.backend import Session
+from edgellm.runtime.lookup import LookupConfig, PromptLookup
 from edgellm.runtime.sampling import Sampler, SamplingConfig
 
 
@@ -25,6 +27,7 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
+    lookup: LookupConfig | None = None  # prompt-lookup drafting (edgellm.runtime.lookup); None = one token per pass
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -93,23 +96,76 @@ def generate(session: Session, tokenizer: Tokenizer, prompt_ids: Sequence[int],
         )
     if config.max_new_tokens == 0:
         return
-    sampler = Sampler(config.sampling)
     stream = TextStream(tokenizer, config.stop)
     history = list(prompt_ids)
     logits = session.forward(np.asarray(prompt_ids, dtype=np.int64))[-1]
-    for step in range(config.max_new_tokens):
-        token = sampler(logits, history)
-        history.append(token)
-        if config.stop_at_eos and token in tokenizer.eos_ids:
-            yield TokenEvent(token, stream.flush(), "eos")
-            return
-        delta, hit_stop = stream.push(token)
-        if hit_stop:
-            yield TokenEvent(token, delta, "stop")
-            return
-        last = step == config.max_new_tokens - 1 or session.position >= session.max_tokens
+    tokens = decode_tokens(session, logits, history, Sampler(config.sampling), config.max_new_tokens, config.lookup)
+    with contextlib.closing(tokens):  # closing early (EOS, stop string) rolls back unused draft positions
+        for token, last in tokens:
+            if config.stop_at_eos and token in tokenizer.eos_ids:
+                yield TokenEvent(token, stream.flush(), "eos")
+                return
+            delta, hit_stop = stream.push(token)
+            if hit_stop:
+                yield TokenEvent(token, delta, "stop")
+                return
+            if last:
+                yield TokenEvent(token, delta + stream.flush(), "length")
+                return
+            yield TokenEvent(token, delta)
+
+
+def decode_tokens(session: Session, logits: np.ndarray, history: list[int], sampler: Sampler, max_new: int,
+                  lookup: LookupConfig | None = None) -> Iterator[tuple[int, bool]]:
+    """Yield (token, is_last) for up to `max_new` tokens after a prefill whose last logits are `logits`.
+
+    history (prompt and everything yielded so far) grows with each token. Whenever the consumer stops,
+    the session's cache holds every yielded token but the last, as after plain decoding; with lookup
+    drafting, positions of rejected or unused guesses are truncated away (close() the iterator).
+    """
+    if lookup is None:
+        for step in range(max_new):
+            token = sampler(logits, history)
+            history.append(token)
+            last = step == max_new - 1 or session.position >= session.max_tokens
+            yield token, last
+            if last:
+                return
+            logits = session.forward(np.asarray([token], dtype=np.int64))[-1]
+        return
+    drafter = PromptLookup(lookup)
+    chosen = sampler(logits, history)
+    history.append(chosen)
+    count = 1
+    while True:
+        start = session.position  # `chosen` is not in the cache yet
+        last = count == max_new or start >= session.max_tokens
+        yield chosen, last
         if last:
-            yield TokenEvent(token, delta + stream.flush(), "length")
             return
-        yield TokenEvent(token, delta)
-        logits = session.forward(np.asarray([token], dtype=np.int64))[-1]
+        guesses = drafter.propose(history, min(lookup.max_draft, max_new - count, session.max_tokens - start - 1))
+        rows = session.forward(np.asarray([chosen, *guesses], dtype=np.int64), all_logits=bool(guesses))
+        accepted, following = 0, None
+        try:
+            for guess in guesses:
+                token = sampler(rows[accepted], history)
+                if token != guess:
+                    following = token  # the model's own choice at this position: the next token
+                    break
+                history.append(token)
+                accepted += 1
+                count += 1
+                if count == max_new:
+                    yield token, True
+                    session.truncate(start + accepted)
+                    return
+                yield token, False
+        except GeneratorExit:  # the consumer stopped at the last accepted guess
+            session.truncate(start + accepted)
+            raise
+        if following is None:
+            following = sampler(rows[-1], history)
+        session.truncate(start + 1 + accepted)
+        chosen = following
+        history.append(chosen)
+        count += 1
