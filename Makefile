@@ -1,5 +1,5 @@
 # The two entry points of the README. Both set up .venv first (idempotent, fast the second time).
-.PHONY: demo test lint bench bench-pruned pareto setup setup-dev
+.PHONY: demo test lint bench bench-ablation bench-pruned pareto setup setup-dev
 
 PROMPT ?= Explain in two sentences why small language models matter on edge devices.
 
@@ -29,8 +29,14 @@ lint: setup-dev
 # Side-by-side benchmark against llama.cpp (not part of the tests): default lossless export, 2 threads.
 bench: setup-dev
 	mkdir -p bench_results
-	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 5 --json bench_results/ort_vs_llamacpp.json
+	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 5 --lookup 4 --json bench_results/ort_vs_llamacpp.json
 	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 3 --plan lossless-exact --json bench_results/ort_exact_vs_llamacpp.json
+
+# Where decode time goes: the lossless export vs the same graph without the Q4_1 offset correction (a timing
+# ablation, wrong weights) vs llama.cpp, one interleaved run, plus an ONNX Runtime profile by op type.
+bench-ablation: setup-dev
+	mkdir -p bench_results
+	.venv/bin/python -m edgellm.bench.offset_ablation --rounds 5 --json bench_results/offset_ablation.json
 
 # Structured pruning (20 %) + KD + int4 against the dense lossless export and llama.cpp, one interleaved run.
 bench-pruned: setup-dev

@@ -52,8 +52,11 @@ def prepare_weight(tensor: WeightTensor, fmt: str) -> tuple[Weight, str]:
     return bq, f"{bq.source} from {tensor.qtype}"
 
 
-def lower(description: ModelDescription, plan: CompressionPlan, progress: bool = False):
-    """Build the ONNX model in memory; returns (onnx model, per-layer format table)."""
+def lower(description: ModelDescription, plan: CompressionPlan, progress: bool = False,
+          options: LoweringOptions | None = None):
+    """Build the ONNX model in memory; returns (onnx model, per-layer format table).
+
+    options: graph lowering choices; default: the plan's accuracy levels and the exact offset path."""
     cfg, w = description.config, description.weights
     layers: dict[str, str] = {}
     linears: dict[str, Weight] = {}
@@ -83,14 +86,15 @@ def lower(description: ModelDescription, plan: CompressionPlan, progress: bool =
     else:
         embed = embed_tensor.to_float()
         layers["token_embd"] = f"fp32 from {embed_tensor.qtype}"
-    options = LoweringOptions(accuracy_level=plan.accuracy_level, lm_head_accuracy_level=plan.lm_head_accuracy_level)
+    options = options or LoweringOptions(accuracy_level=plan.accuracy_level,
+                                         lm_head_accuracy_level=plan.lm_head_accuracy_level)
     model = build_llama_graph(cfg, norms, linears, embed, lm_head, inverse_frequencies(description), options)
     return model, layers
 
 
 def export_onnx(description: ModelDescription, out_dir: str | Path, plan: CompressionPlan | None = None,
-                overwrite: bool = False, progress: bool = False) -> Path:
-    """Write the artifact directory atomically and return its path."""
+                overwrite: bool = False, progress: bool = False, options: LoweringOptions | None = None) -> Path:
+    """Write the artifact directory atomically and return its path. options: see lower()."""
     import onnx
 
     plan = plan or CompressionPlan()
@@ -100,7 +104,9 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
     if description.tokenizer is None:
         raise ConfigError(f"{description.source}: the model has no tokenizer to ship with the export")
     started = time.time()
-    model, layers = lower(description, plan, progress)
+    options = options or LoweringOptions(accuracy_level=plan.accuracy_level,
+                                         lm_head_accuracy_level=plan.lm_head_accuracy_level)
+    model, layers = lower(description, plan, progress, options)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -109,7 +115,7 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
         del model
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         _write_tokenizer(description, tmp)
-        _write_manifest(description, plan, layers, tmp, time.time() - started)
+        _write_manifest(description, plan, layers, tmp, time.time() - started, options)
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -130,7 +136,7 @@ def _write_tokenizer(description: ModelDescription, directory: Path) -> None:
 
 
 def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers: dict[str, str],
-                    directory: Path, seconds: float) -> None:
+                    directory: Path, seconds: float, options: LoweringOptions) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(directory.iterdir()) if p.is_file()}
     manifest = {
@@ -145,6 +151,7 @@ def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers
         "opset": OPSET,
         "plan": plan.to_dict(),
         "layers": layers,
+        "lowering": dataclasses.asdict(options),
         "graph": {"model": MODEL_FILE, "external_data": DATA_FILE},
         "files": files,
         "export_seconds": round(seconds, 2),

@@ -7,6 +7,7 @@ new keys/values in place: no per-token reallocation, no copy of the cache.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ try:
     import onnxruntime as ort
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise missing_extra("onnxruntime", "ort") from exc
+
+log = logging.getLogger(__name__)
 
 
 class OrtSession(Session):
@@ -116,6 +119,9 @@ class OrtBackend(Backend):
             raise ConfigError(f"{directory} is an export for {manifest['backend']!r}, not {self.name!r}")
         if verify:
             verify_files(directory, manifest)
+        if manifest.get("lowering", {}).get("offset_sums") == "drop":
+            log.warning("%s is a timing ablation: its graph leaves out the Q4_1 offset correction, so its weights are "
+                        "not the model's", directory)
         self.directory = directory
         self.manifest = manifest
         self.threads = threads or (os.cpu_count() or 1)

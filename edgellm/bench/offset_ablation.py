@@ -1,0 +1,110 @@
+"""Where the lossless export's decode time goes, measured in one interleaved run.
+
+    python -m edgellm.bench.offset_ablation [--rounds 5] [--json bench_results/offset_ablation.json]
+
+Engines: the lossless export (what `edgellm export onnx` writes: Q4_1 as the int4 kernel plus the exact
+per-block offset correction), the same graph without that correction (offset_sums="drop": NOT the
+model's weights, its perplexity shows it; a timing ablation only), and llama.cpp on the GGUF. Then an
+ONNX Runtime profile of decode steps of the lossless export, by op type. Together they say how much of
+the gap to a faster decode is the correction and how much is the rest of the graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def decode_profile(directory: Path, threads: int = 2, prompt: int = 64, steps: int = 32) -> dict[str, dict]:
+    """Per op type: share of kernel time, nodes and microseconds per decode step (profiler overhead
+    included, so absolute times are inflated; the shares are what to read)."""
+    from edgellm.model.loader import load_model
+    from edgellm.runtime.onnxruntime_cpu import OrtBackend
+
+    with tempfile.TemporaryDirectory(prefix="edgellm-profile-") as tmp:
+        model = load_model(directory)
+        backend = OrtBackend(model.config, directory, threads=threads, profile_dir=tmp)
+        session = backend.open_session(max_tokens=prompt + steps + 1)
+        session.forward(np.arange(100, 100 + prompt) % model.config.vocab_size)
+        for i in range(steps):
+            session.forward(np.array([(300 + i) % model.config.vocab_size]))
+        events = json.loads(Path(backend.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_decode = sorted(e["ts"] for e in runs)[1]  # run 0 is the prefill
+    total: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_decode:
+            total[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    all_us = sum(total.values())
+    return {op: {"share": us / all_us, "nodes_per_step": count[op] / steps, "us_per_step": us / steps}
+            for op, us in total.most_common()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgellm.bench.speed import BenchConfig, Engine, add_ratios, format_table, run_bench
+    from edgellm.export.onnx_export import export_onnx
+    from edgellm.export.onnx_graph import LoweringOptions
+    from edgellm.model.loader import load_model
+    from edgellm.model.tokenizer import Tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m edgellm.bench.offset_ablation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, help="a GGUF with Q4_1 linears (default: the default model)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--json", default=None, metavar="OUT")
+    a = p.parse_args(argv)
+    model = load_model(a.model)
+    config = BenchConfig(threads=a.threads, rounds=a.rounds, reps=a.reps, ppl_tokens=a.ppl_tokens)
+    with tempfile.TemporaryDirectory(prefix="edgellm-ablation-") as tmp:
+        exact = export_onnx(model, Path(tmp) / "lossless", progress=True)
+        dropped = export_onnx(load_model(a.model), Path(tmp) / "no-offsets", progress=True,
+                              options=LoweringOptions(offset_sums="drop"))
+
+        def files(d: Path) -> tuple[Path, ...]:
+            return tuple(f for f in d.iterdir() if f.suffix in (".onnx", ".data"))
+
+        engines = [Engine("edgellm-ort", "onnxruntime", str(exact), files(exact)),
+                   Engine("ort:no-offsets", "onnxruntime", str(dropped), files(dropped)),
+                   Engine("llama.cpp", "llama.cpp", str(model.source), (Path(model.source),))]
+        tok = Tokenizer(model.tokenizer)
+
+        def ppl(engine: Engine) -> float:
+            from edgellm.bench.perplexity import perplexity
+            from edgellm.corpus import canterbury_path
+            from edgellm.runtime.registry import create_backend
+
+            ids = tok.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
+            backend = create_backend(engine.backend, load_model(engine.model), threads=config.threads, logits_all=True)
+            return perplexity(backend, ids, window=512, progress=True).ppl
+
+        result = run_bench(engines, tok, config, ppl_fn=ppl if config.ppl_tokens else None,
+                           log=lambda s: print(s, file=sys.stderr))
+        add_ratios(result, "edgellm-ort", ["ort:no-offsets"])
+        result["decode_profile"] = decode_profile(exact, a.threads)
+    print(format_table(result))
+    print("\nlossless export, decode steps, ONNX Runtime profiler (share of kernel time):")
+    for op, row in result["decode_profile"].items():
+        print(f"  {op:34s} {100 * row['share']:5.1f} %  {row['nodes_per_step']:6.1f} nodes/step")
+    if a.json:
+        out = Path(a.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as fh:
+            fh.write(json.dumps(result, indent=2))
+        Path(fh.name).replace(out)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
