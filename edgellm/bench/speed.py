@@ -108,6 +108,7 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
     metrics = METRICS + (LOOKUP_METRICS if config.lookup else ())
     samples: dict[str, dict[str, list[float]]] = {e.label: {m: [] for m in metrics} for e in engines}
     same_tokens: dict[str, list[bool]] = {e.label: [] for e in engines}
+    first_difference: dict[str, list[int | None]] = {e.label: [] for e in engines}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(ids, fh)
         prompt_file = fh.name
@@ -129,6 +130,7 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
                         for m in LOOKUP_METRICS:
                             s[m].append(run[m])
                         same_tokens[engine.label].append(run["same_tokens"])
+                        first_difference[engine.label].append(run.get("first_difference"))
                     log(f"round {r + 1}/{config.rounds} {engine.label}: decode with lookup "
                         f"{statistics.median(x['decode_lookup_tok_s'] for x in out['runs']):.1f} tok/s")
     finally:
@@ -144,6 +146,8 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
             med["ppl"] = ppl_fn(engine)
         if config.lookup:
             med["lookup_same_tokens"] = all(same_tokens[engine.label])
+            # where drafting's tokens first left the plain decode's (a near tie between pass shapes), per run
+            med["lookup_first_difference"] = first_difference[engine.label]
         med["samples"] = samples[engine.label]
         result["engines"][engine.label] = med
     labels = [e.label for e in engines]

@@ -80,8 +80,9 @@ def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_
     runs = []
     for _ in range(reps):
         tokens, seconds, n_passes = decode(LookupConfig(max_draft=max_draft))
+        differ = next((i for i, (a, b) in enumerate(zip(tokens, plain, strict=True)) if a != b), None)
         runs.append({"decode_lookup_tok_s": n_decode / seconds, "lookup_tokens_per_pass": n_decode / max(n_passes, 1),
-                     "same_tokens": tokens == plain})
+                     "same_tokens": tokens == plain, "first_difference": differ})
     return {"engine": engine, "runs": runs}
 
 

@@ -248,6 +248,8 @@ class OffloadedGenerator:
                  config: GenerationConfig | None = None) -> Iterator[TokenEvent]:
         """The same TokenEvent stream as edgellm.runtime.generation.generate on an all-local session."""
         config = config or GenerationConfig()
+        if config.lookup is not None:  # the planner times and splits one token per pass
+            raise ConfigError("prompt-lookup drafting (GenerationConfig.lookup) does not combine with offloading")
         self._start()
         for ep in self.endpoints:  # an estimate nobody refreshed lately (probes paused, link idle) is re-measured
             if ep.profile is not None and ep.estimator.stale:
