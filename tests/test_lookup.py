@@ -135,3 +135,71 @@ def test_cli_generate_with_lookup_prints_the_plain_text(tmp_path):
     plain = json.loads(edgellm(*args).stdout)
     drafted = json.loads(edgellm(*args, "--lookup", "5").stdout)
     assert drafted["tokens"] == plain["tokens"] and drafted["text"] == plain["text"]
+
+
+def plain_and_drafted(backend, tokenizer, prompt_ids, max_tokens, **kw):
+    out = []
+    for lookup in (None, LookupConfig(max_draft=6)):
+        session = backend.open_session(max_tokens=max_tokens)
+        events = list(generate(session, tokenizer, prompt_ids, GenerationConfig(lookup=lookup, **kw)))
+        out.append(([e.token_id for e in events], events[-1].finish_reason if events else None, session.position))
+    return out
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3, 5, 8, 13])
+def test_token_limits_inside_a_run_of_accepted_guesses(reference, tokenizer, max_new):
+    """The limit falls on the first token, on guesses, or after a rejection, depending on max_new."""
+    prompt = tokenizer.encode(REPEATING)
+    plain, drafted = plain_and_drafted(reference, tokenizer, prompt, 128, max_new_tokens=max_new,
+                                       sampling=SamplingConfig(greedy=True), stop_at_eos=False)
+    assert drafted == plain and len(plain[0]) == max_new
+
+
+@pytest.mark.parametrize("room", [1, 2, 4, 7])
+def test_context_limit_clips_the_guesses(reference, tokenizer, room):
+    prompt = tokenizer.encode(REPEATING)
+    plain, drafted = plain_and_drafted(reference, tokenizer, prompt, len(prompt) + room, max_new_tokens=40,
+                                       sampling=SamplingConfig(greedy=True), stop_at_eos=False)
+    assert drafted == plain and plain[1] == "length" and plain[2] == len(prompt) + room
+
+
+def test_eos_ends_a_drafted_chat_reply_like_a_plain_one(reference, tokenizer, model):
+    from edgellm.model.chat import render_chat
+
+    ids = tokenizer.encode(render_chat(model.tokenizer, [{"role": "user", "content": "What is 2+2?"}]),
+                           parse_special=True)  # test_generation: the reply ends at EOS within 100 tokens
+    plain, drafted = plain_and_drafted(reference, tokenizer, ids, 256, max_new_tokens=100,
+                                       sampling=SamplingConfig(greedy=True))
+    assert drafted == plain and plain[1] == "eos"
+
+
+def test_a_consumer_that_stops_early_and_closes_leaves_the_plain_cache(reference, tokenizer):
+    from edgellm.runtime.generation import decode_tokens
+    from edgellm.runtime.sampling import Sampler
+
+    prompt = tokenizer.encode(REPEATING)
+    got = {}
+    for lookup in (None, LookupConfig(max_draft=6)):
+        session = reference.open_session(max_tokens=128)
+        logits = session.forward(np.asarray(prompt))[-1]
+        tokens = decode_tokens(session, logits, list(prompt), Sampler(SamplingConfig(greedy=True)), 30, lookup)
+        taken = [next(tokens)[0] for _ in range(9)]
+        tokens.close()
+        got[lookup is None] = (taken, session.position)
+        assert session.position == len(prompt) + 8  # every taken token but the last is in the cache
+        assert list(decode_tokens(session, logits, [], Sampler(SamplingConfig()), 0, lookup)) == []
+    assert got[True] == got[False]
+
+
+def test_llamacpp_without_every_logit_refuses_drafting_and_stays_usable(model, tokenizer):
+    from edgellm.runtime.registry import create_backend
+
+    backend = create_backend("llama.cpp", model, threads=2)  # logits_all=False
+    session = backend.open_session(max_tokens=128)
+    with pytest.raises(ConfigError, match="logits_all=True"):
+        list(generate(session, tokenizer, tokenizer.encode(REPEATING),
+                      GenerationConfig(max_new_tokens=30, sampling=SamplingConfig(greedy=True), stop_at_eos=False,
+                                       lookup=LookupConfig())))
+    position = session.position
+    session.forward(np.asarray([42]))  # the refused pass did not advance llama.cpp's own context
+    assert session.position == position + 1

@@ -334,6 +334,7 @@ def test_cli_bench_against_llamacpp(cli_export, tmp_path):
     keys = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "file_mb", "decode_lookup_tok_s")
     for engine in result["engines"].values():  # 8 tokens: at least one per pass, at most 1 + 3 guesses
         assert 1 <= engine["lookup_tokens_per_pass"] <= 4 and isinstance(engine["lookup_same_tokens"], bool)
+        assert engine["lookup_baseline_tok_s"] > 0 and len(engine["lookup_first_difference"]) == 1
     assert result["config"]["prompt_text"] == "asyoulik.txt" and result["config"]["lookup"] == 3
     assert set(result["engines"]) == {"edgellm-ort", "llama.cpp"}
     for label, engine in result["engines"].items():

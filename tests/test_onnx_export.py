@@ -194,3 +194,28 @@ def test_q4_1_transcode_perplexity_equals_reference(exports, alice_ids):
 
     result = perplexity(ort_backend(exports["exact"][0]), alice_ids[:8192], window=512)
     assert abs(result.ppl / 22.70 - 1) < 0.005, result.ppl
+
+
+def test_batch_of_two_equals_two_single_runs(exports, alice_ids):
+    """The graph's 2-D token rows keep sequences apart: one batch-2 pass equals two batch-1 passes
+    (the runtime binds batch 1; the graph promises any batch)."""
+    import onnxruntime as ort
+
+    path, _ = exports["exact"]
+    sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    cfg = load_model(path).config
+    seqs = np.asarray([alice_ids[:12], alice_ids[40:52]], dtype=np.int64)
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        b, t = ids.shape
+        feeds = {"input_ids": ids, "seqlens_k": np.full(b, t - 1, np.int32),
+                 "total_sequence_length": np.array(t, np.int32), "logits_to_keep": np.array([t], np.int64)}
+        for i in range(cfg.n_layers):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((b, cfg.n_kv_heads_at(i), 0, cfg.head_dim), np.float32)
+        return sess.run(["logits"], feeds)[0]
+
+    both = run(seqs)
+    assert both.shape == (2, 12, cfg.vocab_size)
+    for row in range(2):
+        np.testing.assert_allclose(both[row], run(seqs[row:row + 1])[0], rtol=0, atol=1e-4)

@@ -114,3 +114,20 @@ def test_range_errors_are_clear(exact):
         s.import_kv({5: (np.zeros((1, 3, 64), np.float32),) * 2}, 1)
     with pytest.raises(ConfigError, match="cannot cut layers"):
         ort_backend.open_session(LayerRange(4, 4, n), max_tokens=16)
+
+
+def test_an_export_from_before_the_token_rows_is_refused_with_re_export(exact):
+    """Exports written before the 2-D token rows have no seq_shape tensor: a cut says re-export."""
+    import onnx
+
+    from edgellm.errors import ModelFormatError
+    from edgellm.runtime.onnx_range import cut_layers
+
+    ort_backend, _ = exact
+    cfg = ort_backend.config
+    old = onnx.load(str(ort_backend.directory / "model.onnx"), load_external_data=False)
+    keep = [n for n in old.graph.node if "seq_shape" not in n.output]
+    del old.graph.node[:]
+    old.graph.node.extend(keep)
+    with pytest.raises(ModelFormatError, match="re-export"):
+        cut_layers(old, 3, 7, cfg.n_layers, cfg.hidden_size)

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="OUT")
     a = p.parse_args(argv)
     model = load_model(a.model)
+    if not str(model.source).lower().endswith(".gguf"):
+        print(f"error: {model.source} is not a GGUF file (llama.cpp runs beside the exports)", file=sys.stderr)
+        return 2
     config = BenchConfig(threads=a.threads, rounds=a.rounds, reps=a.reps, ppl_tokens=a.ppl_tokens)
     with tempfile.TemporaryDirectory(prefix="edgellm-ablation-") as tmp:
         exact = export_onnx(model, Path(tmp) / "lossless", progress=True)

@@ -22,10 +22,12 @@ from pathlib import Path
 from edgellm.errors import BenchmarkError, ConfigError
 
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s")
-LOOKUP_METRICS = ("decode_lookup_tok_s", "lookup_tokens_per_pass")  # with BenchConfig.lookup > 0
+# with BenchConfig.lookup > 0; lookup_baseline_tok_s: plain decoding through the same loop, in the same process
+LOOKUP_METRICS = ("decode_lookup_tok_s", "lookup_tokens_per_pass", "lookup_baseline_tok_s")
 RATIO_KEYS = (*METRICS, "decode_lookup_tok_s", "file_mb", "ppl")
 HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s": True, "ttft_ms": False, "peak_rss_mb": False,
-                    "load_s": False, "file_mb": False, "ppl": False, "decode_lookup_tok_s": True}
+                    "load_s": False, "file_mb": False, "ppl": False, "decode_lookup_tok_s": True,
+                    "lookup_baseline_tok_s": True}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class BenchConfig:
             raise ConfigError("threads, n_prompt, n_decode, rounds and reps must all be >= 1")
         if self.lookup < 0:
             raise ConfigError(f"lookup must be >= 0 (0 = off), found {self.lookup}")
+        from edgellm.corpus import CANTERBURY_FILES
+        from edgellm.errors import unknown_name
+
+        if self.prompt_text not in CANTERBURY_FILES:  # before minutes of loading and exporting
+            raise unknown_name("prompt corpus file", self.prompt_text, CANTERBURY_FILES)
         if self.ppl_tokens < 0:
             raise ConfigError(f"ppl_tokens must be >= 0 (0 skips perplexity), found {self.ppl_tokens}")
 
@@ -127,6 +134,7 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
                 if config.lookup:  # its own process: llama.cpp keeps every position's logits for it
                     out = _run_worker(engine, config, prompt_file, lookup=config.lookup)
                     for run in out["runs"]:
+                        run["lookup_baseline_tok_s"] = run.pop("decode_plain_tok_s")
                         for m in LOOKUP_METRICS:
                             s[m].append(run[m])
                         same_tokens[engine.label].append(run["same_tokens"])

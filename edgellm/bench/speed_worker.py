@@ -3,7 +3,7 @@
 Run in its own process so that peak RSS and load time belong to that engine alone.
     python -m edgellm.bench.speed_worker ENGINE MODEL --threads 2 --prompt-ids F --n-decode 128 --reps 3
 With --lookup K the decode is prompt-lookup drafting (edgellm.runtime.lookup, up to K guesses per pass;
-llama.cpp then keeps every position's logits), timed beside a plain greedy decode of the same tokens.
+llama.cpp then keeps every position's logits), timed beside a plain greedy decode through the same loop.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_
     backend = create_backend(engine, model, threads=threads, **({"logits_all": True} if engine == "llama.cpp" else {}))
     session = backend.open_session(max_tokens=len(prompt) + n_decode + 1)
     greedy = SamplingConfig(greedy=True)
+    # the lookup decode's own plain baseline (decode_plain_tok_s): same loop and process, one timed run
     passes = [0]
     forward = session.forward
 
@@ -69,20 +70,23 @@ def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_
     session.forward = counted
 
     def decode(lookup: LookupConfig | None) -> tuple[list[int], float, int]:
+        """n_decode tokens after the one the prefill gives, as run() counts them: plain decoding
+        spends exactly n_decode passes on them."""
         session.reset()
         logits = session.forward(np.asarray(prompt))[-1]
         passes[0] = 0
         t = time.perf_counter()
-        tokens = [tok for tok, _ in decode_tokens(session, logits, list(prompt), Sampler(greedy), n_decode, lookup)]
+        tokens = [tok for tok, _ in decode_tokens(session, logits, list(prompt), Sampler(greedy), n_decode + 1, lookup)]
         return tokens, time.perf_counter() - t, passes[0]
 
-    plain, _, _ = decode(None)
+    plain, plain_s, _ = decode(None)
     runs = []
     for _ in range(reps):
         tokens, seconds, n_passes = decode(LookupConfig(max_draft=max_draft))
         differ = next((i for i, (a, b) in enumerate(zip(tokens, plain, strict=True)) if a != b), None)
         runs.append({"decode_lookup_tok_s": n_decode / seconds, "lookup_tokens_per_pass": n_decode / max(n_passes, 1),
-                     "same_tokens": tokens == plain, "first_difference": differ})
+                     "decode_plain_tok_s": n_decode / plain_s, "same_tokens": tokens == plain,
+                     "first_difference": differ})
     return {"engine": engine, "runs": runs}
 
 

@@ -130,9 +130,10 @@ def _generation_config(args: argparse.Namespace):
                             lookup=LookupConfig(max_draft=args.lookup) if args.lookup else None)
 
 
-def _lookup_options(args: argparse.Namespace) -> dict:
+def _lookup_options(args: argparse.Namespace, model) -> dict:
     """Drafting verifies several positions per pass: llama.cpp must keep every position's logits."""
-    return {"logits_all": True} if args.lookup and args.backend == "llama.cpp" else {}
+    name = args.backend or str(model.metadata.get("backend", "reference"))  # as _backend() resolves it
+    return {"logits_all": True} if args.lookup and name == "llama.cpp" else {}
 
 
 def _chat_ids(model, tok, messages) -> list[int]:
@@ -159,7 +160,7 @@ def generate(args: argparse.Namespace) -> int:
             raise ConfigError("--lookup does not combine with --offload (the offloader plans one token per pass)")
         events = generate_offloaded(args, model, tok, prompt_ids, gen)
     else:
-        backend = _backend(args, model, **_lookup_options(args))
+        backend = _backend(args, model, **_lookup_options(args, model))
         session = backend.open_session(max_tokens=min(model.config.context_length,
                                                       len(prompt_ids) + gen.max_new_tokens))
         events = run(session, tok, prompt_ids, gen)
@@ -186,7 +187,7 @@ def chat(args: argparse.Namespace) -> int:
 
     model = _load(args)
     tok = _tokenizer(model)
-    backend = _backend(args, model, **_lookup_options(args))
+    backend = _backend(args, model, **_lookup_options(args, model))
     gen = _generation_config(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()

@@ -54,8 +54,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--lookup", type=_non_negative_int, default=0, metavar="K",
                    help="prompt-lookup drafting: each forward pass also checks up to K tokens that followed the "
-                        "context's latest n-gram match; same tokens as without (same seed when sampling), fewer "
-                        "passes when the text repeats its context (default 0 = off)")
+                        "context's latest n-gram match; fewer passes when the text repeats its context, the same "
+                        "tokens as without (same seed when sampling) up to int8-activation rounding at near "
+                        "ties (default 0 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

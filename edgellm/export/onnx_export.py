@@ -104,8 +104,11 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
     if description.tokenizer is None:
         raise ConfigError(f"{description.source}: the model has no tokenizer to ship with the export")
     started = time.time()
-    options = options or LoweringOptions(accuracy_level=plan.accuracy_level,
-                                         lm_head_accuracy_level=plan.lm_head_accuracy_level)
+    levels = (plan.accuracy_level, plan.lm_head_accuracy_level)
+    options = options or LoweringOptions(accuracy_level=levels[0], lm_head_accuracy_level=levels[1])
+    if (options.accuracy_level, options.lm_head_accuracy_level) != levels:
+        raise ConfigError(f"lowering accuracy levels {options.accuracy_level}/{options.lm_head_accuracy_level} "
+                          f"disagree with plan {plan.name!r} ({levels[0]}/{levels[1]}); set them in one place")
     model, layers = lower(description, plan, progress, options)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

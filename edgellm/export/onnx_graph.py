@@ -178,7 +178,7 @@ def attention(b: GraphBuilder, cfg: ModelConfig, i: int, qkv: str, seqlens: str,
     return b.op1("Reshape", [out[0], rows], name=f"blk.{i}.attention/to_rows")
 
 
-# gate_up (B,S,2F) ─► Split ─► g ─► Sigmoid ─► Mul(g) ─► Mul(u) ─► (B,S,F)
+# gate_up rows (B*S,2F) ─► Split ─► g ─► Sigmoid ─► Mul(g) ─► Mul(u) ─► (B*S,F)
 #                          └─► u ──────────────────────────┘
 def swiglu(b: GraphBuilder, gate_up: str, ffn: int, name: str) -> str:
     g, u = b.op("Split", [gate_up, b.const(f"split_{ffn}", np.array([ffn, ffn], np.int64))], n_out=2,

@@ -119,10 +119,13 @@ def decode_tokens(session: Session, logits: np.ndarray, history: list[int], samp
                   lookup: LookupConfig | None = None) -> Iterator[tuple[int, bool]]:
     """Yield (token, is_last) for up to `max_new` tokens after a prefill whose last logits are `logits`.
 
-    history (prompt and everything yielded so far) grows with each token. Whenever the consumer stops,
-    the session's cache holds every yielded token but the last, as after plain decoding; with lookup
-    drafting, positions of rejected or unused guesses are truncated away (close() the iterator).
+    history (prompt and everything yielded so far) grows with each token. Once the iterator is exhausted
+    or closed, the session's cache holds every yielded token but the last, as after plain decoding. With
+    lookup drafting, positions of guesses not (yet) yielded are truncated away at close(): a consumer that
+    stops early must close() it (generate() does) before reading session.position or reusing the session.
     """
+    if max_new <= 0:
+        return
     if lookup is None:
         for step in range(max_new):
             token = sampler(logits, history)
@@ -139,7 +142,7 @@ def decode_tokens(session: Session, logits: np.ndarray, history: list[int], samp
     count = 1
     while True:
         start = session.position  # `chosen` is not in the cache yet
-        last = count == max_new or start >= session.max_tokens
+        last = count >= max_new or start >= session.max_tokens
         yield chosen, last
         if last:
             return
@@ -155,7 +158,7 @@ def decode_tokens(session: Session, logits: np.ndarray, history: list[int], samp
                 history.append(token)
                 accepted += 1
                 count += 1
-                if count == max_new:
+                if count >= max_new:
                     yield token, True
                     session.truncate(start + accepted)
                     return

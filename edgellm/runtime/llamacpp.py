@@ -35,11 +35,12 @@ class LlamaCppSession(Session):
         llm = self.llm
         if llm.n_tokens != self.position:
             raise ConfigError("llama.cpp context was taken over by another session of the same backend")
+        if all_logits and not self.backend.logits_all:  # checked before eval(): the session stays usable
+            raise ConfigError("open the llama.cpp backend with logits_all=True to get every position's logits "
+                              "(prompt-lookup drafting and perplexity need them)")
         ids = [int(t) for t in np.asarray(inputs).reshape(-1)]
         llm.eval(ids)
         if all_logits:
-            if not self.backend.logits_all:
-                raise ConfigError("open the llama.cpp backend with logits_all=True to get every position's logits")
             return np.array(llm.scores[self.position:self.position + len(ids)], dtype=np.float32)
         if self.backend.logits_all:
             return np.array(llm.scores[self.position + len(ids) - 1][None, :], dtype=np.float32)

@@ -4,9 +4,11 @@ Small models, summaries, code edits and chat answers that quote the prompt repea
 context. When the last n tokens occurred before, the tokens that followed them then are a cheap guess
 for what comes next. One forward pass over [next token, guess...] checks every guess at once (the
 same weights streamed once, like a short prefill), and each guess the model itself would have chosen
-is accepted. With greedy decoding the output is the plain decode's token for token; with sampling a
-guess is kept only when the token sampled from the model's own distribution equals it, so the
-distribution is unchanged too (a deterministic draft is accepted with probability p(guess)).
+is accepted. The sampler is called once per position, in order, on that position's logits, so given
+the same logits the output is the plain decode's token for token, greedy or seeded sampling alike (a
+deterministic guess is kept with probability p(guess), the distribution is unchanged). Engines with
+int8 activations (ONNX Runtime's int4 kernels, llama.cpp) round a several-position pass slightly
+differently from a one-position pass, so there a near tie between two tokens can go the other way.
 
 It pays where a multi-token forward costs little more than a single-token one, as on ONNX Runtime
 here (prefill per token is several times cheaper than decode per token).

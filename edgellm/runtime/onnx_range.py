@@ -68,6 +68,9 @@ def cut_layers(model: onnx.ModelProto, start: int, stop: int, n_layers: int, hid
     for needed in ([f"blk.{start}.attn_norm"] if start > 0 else []) + ([f"blk.{stop}.attn_norm"] if stop < n_layers else []):
         if needed not in by_name:
             raise ModelFormatError(f"the exported graph has no node {needed!r}; re-export it with this edgellm version")
+    if not any(SEQ_SHAPE in n.output for n in g.node):  # exports before the 2-D token rows (2026-11-27)
+        raise ModelFormatError("the exported graph predates layer-range cuts of 2-D token rows (no seq_shape); "
+                               "re-export it with this edgellm version")
     lo = -1 if start == 0 else start
     hi = n_layers if stop == n_layers else stop - 1
     nodes = _entry_rows(hidden) if start > 0 else []
