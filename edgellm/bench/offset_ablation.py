@@ -49,7 +49,7 @@ def decode_profile(directory: Path, threads: int = 2, prompt: int = 64, steps: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgellm.bench.speed import BenchConfig, Engine, add_ratios, format_table, run_bench
+    from edgellm.bench import speed
     from edgellm.export.onnx_export import export_onnx
     from edgellm.export.onnx_graph import LoweringOptions
     from edgellm.model.loader import load_model
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not str(model.source).lower().endswith(".gguf"):
         print(f"error: {model.source} is not a GGUF file (llama.cpp runs beside the exports)", file=sys.stderr)
         return 2
-    config = BenchConfig(threads=a.threads, rounds=a.rounds, reps=a.reps, ppl_tokens=a.ppl_tokens)
+    config = speed.BenchConfig(threads=a.threads, rounds=a.rounds, reps=a.reps, ppl_tokens=a.ppl_tokens)
     with tempfile.TemporaryDirectory(prefix="edgellm-ablation-") as tmp:
         exact = export_onnx(model, Path(tmp) / "lossless", progress=True)
         dropped = export_onnx(load_model(a.model), Path(tmp) / "no-offsets", progress=True,
@@ -77,35 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         def files(d: Path) -> tuple[Path, ...]:
             return tuple(f for f in d.iterdir() if f.suffix in (".onnx", ".data"))
 
-        engines = [Engine("edgellm-ort", "onnxruntime", str(exact), files(exact)),
-                   Engine("ort:no-offsets", "onnxruntime", str(dropped), files(dropped)),
-                   Engine("llama.cpp", "llama.cpp", str(model.source), (Path(model.source),))]
+        engines = [speed.Engine("edgellm-ort", "onnxruntime", str(exact), files(exact)),
+                   speed.Engine("ort:no-offsets", "onnxruntime", str(dropped), files(dropped)),
+                   speed.Engine("llama.cpp", "llama.cpp", str(model.source), (Path(model.source),))]
         tok = Tokenizer(model.tokenizer)
-
-        def ppl(engine: Engine) -> float:
-            from edgellm.bench.perplexity import perplexity
-            from edgellm.corpus import canterbury_path
-            from edgellm.runtime.registry import create_backend
-
-            ids = tok.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
-            backend = create_backend(engine.backend, load_model(engine.model), threads=config.threads, logits_all=True)
-            return perplexity(backend, ids, window=512, progress=True).ppl
-
-        result = run_bench(engines, tok, config, ppl_fn=ppl if config.ppl_tokens else None,
+        result = speed.run_bench(engines, tok, config, ppl_fn=speed.alice_perplexity(tok, config) if config.ppl_tokens else None,
                            log=lambda s: print(s, file=sys.stderr))
-        add_ratios(result, "edgellm-ort", ["ort:no-offsets"])
+        speed.add_ratios(result, "edgellm-ort", ["ort:no-offsets"])
         result["decode_profile"] = decode_profile(exact, a.threads)
-    print(format_table(result))
+    print(speed.format_table(result))
     print("\nlossless export, decode steps, ONNX Runtime profiler (share of kernel time):")
     for op, row in result["decode_profile"].items():
         print(f"  {op:34s} {100 * row['share']:5.1f} %  {row['nodes_per_step']:6.1f} nodes/step")
     if a.json:
-        out = Path(a.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as fh:
-            fh.write(json.dumps(result, indent=2))
-        Path(fh.name).replace(out)
-        print(f"wrote {out}", file=sys.stderr)
+        print(f"wrote {speed.write_result(result, a.json)}", file=sys.stderr)
     return 0
 
 

@@ -170,6 +170,32 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
     return result
 
 
+def alice_perplexity(tokenizer, config: BenchConfig) -> Callable[[Engine], float]:
+    """Perplexity of an engine on alice29's first config.ppl_tokens tokens, windows of 512 (baselines.md)."""
+
+    def ppl(engine: Engine) -> float:
+        from edgellm.bench.perplexity import perplexity
+        from edgellm.corpus import canterbury_path
+        from edgellm.model.loader import load_model
+        from edgellm.runtime.registry import create_backend
+
+        ids = tokenizer.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
+        backend = create_backend(engine.backend, load_model(engine.model), threads=config.threads, logits_all=True)
+        return perplexity(backend, ids, window=512, progress=True).ppl
+
+    return ppl
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    """The JSON result, written atomically (a reader never sees half a file)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as fh:
+        fh.write(json.dumps(result, indent=2))
+    Path(fh.name).replace(out)
+    return out
+
+
 def add_ratios(result: dict, label: str, against: list[str]) -> None:
     """Also report `label` against each engine in `against` (e.g. a pruned export against the dense one)."""
     ours = result["engines"][label]

@@ -253,7 +253,15 @@ def export(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from edgellm.bench.speed import BenchConfig, Engine, add_ratios, format_table, run_bench
+    from edgellm.bench.speed import (
+        BenchConfig,
+        Engine,
+        add_ratios,
+        alice_perplexity,
+        format_table,
+        run_bench,
+        write_result,
+    )
     from edgellm.export.onnx_export import export_onnx
     from edgellm.model.loader import load_model
 
@@ -289,28 +297,12 @@ def bench(args: argparse.Namespace) -> int:
         if args.vs == "llama.cpp":
             engines.append(Engine("llama.cpp", "llama.cpp", str(gguf), (gguf,)))
         tok = _tokenizer(load_model(art_dir))
-
-        def ppl(engine: Engine) -> float:
-            from edgellm.bench.perplexity import perplexity
-            from edgellm.corpus import canterbury_path
-            from edgellm.runtime.registry import create_backend
-
-            ids = tok.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
-            backend = create_backend(engine.backend, load_model(engine.model), threads=config.threads,
-                                     logits_all=True)
-            return perplexity(backend, ids, window=512, progress=True).ppl
-
-        result = run_bench(engines, tok, config, ppl_fn=ppl if config.ppl_tokens else None,
+        result = run_bench(engines, tok, config, ppl_fn=alice_perplexity(tok, config) if config.ppl_tokens else None,
                            log=lambda s: print(s, file=sys.stderr))
         add_ratios(result, "edgellm-ort", [e.label for e in engines[1:] if e.label.startswith("ort:")])
     print(format_table(result))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as fh:
-            fh.write(json.dumps(result, indent=2))
-        Path(fh.name).replace(out)
-        print(f"wrote {out}", file=sys.stderr)
+        print(f"wrote {write_result(result, args.json)}", file=sys.stderr)
     return 0
 
 
