@@ -134,11 +134,10 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
                 if config.lookup:  # its own process: llama.cpp keeps every position's logits for it
                     out = _run_worker(engine, config, prompt_file, lookup=config.lookup)
                     for run in out["runs"]:
-                        run["lookup_baseline_tok_s"] = run.pop("decode_plain_tok_s")
                         for m in LOOKUP_METRICS:
                             s[m].append(run[m])
                         same_tokens[engine.label].append(run["same_tokens"])
-                        first_difference[engine.label].append(run.get("first_difference"))
+                        first_difference[engine.label].append(run["first_difference"])
                     log(f"round {r + 1}/{config.rounds} {engine.label}: decode with lookup "
                         f"{statistics.median(x['decode_lookup_tok_s'] for x in out['runs']):.1f} tok/s")
     finally:

@@ -59,7 +59,7 @@ def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_
     backend = create_backend(engine, model, threads=threads, **({"logits_all": True} if engine == "llama.cpp" else {}))
     session = backend.open_session(max_tokens=len(prompt) + n_decode + 1)
     greedy = SamplingConfig(greedy=True)
-    # the lookup decode's own plain baseline (decode_plain_tok_s): same loop and process, one timed run
+    # lookup_baseline_tok_s: plain decoding through the same loop in the same process, one timed run
     passes = [0]
     forward = session.forward
 
@@ -85,7 +85,7 @@ def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_
         tokens, seconds, n_passes = decode(LookupConfig(max_draft=max_draft))
         differ = next((i for i, (a, b) in enumerate(zip(tokens, plain, strict=True)) if a != b), None)
         runs.append({"decode_lookup_tok_s": n_decode / seconds, "lookup_tokens_per_pass": n_decode / max(n_passes, 1),
-                     "decode_plain_tok_s": n_decode / plain_s, "same_tokens": tokens == plain,
+                     "lookup_baseline_tok_s": n_decode / plain_s, "same_tokens": tokens == plain,
                      "first_difference": differ})
     return {"engine": engine, "runs": runs}
 
