@@ -29,7 +29,7 @@ lint: setup-dev
 # Side-by-side benchmark against llama.cpp (not part of the tests): default lossless export, 2 threads.
 bench: setup-dev
 	mkdir -p bench_results
-	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 5 --lookup 4 --json bench_results/ort_vs_llamacpp.json
+	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 5 --lookup 4 --genai --json bench_results/ort_vs_llamacpp.json
 	.venv/bin/edgellm bench --vs llama.cpp --threads 2 --rounds 3 --plan lossless-exact --json bench_results/ort_exact_vs_llamacpp.json
 
 # Where decode time goes: the lossless export vs the same graph without the Q4_1 offset correction (a timing

@@ -131,7 +131,7 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
                 s["load_s"].append(out["load_s"])
                 log(f"round {r + 1}/{config.rounds} {engine.label}: decode "
                     f"{statistics.median(x['decode_tok_s'] for x in out['runs']):.1f} tok/s")
-                if config.lookup:  # its own process: llama.cpp keeps every position's logits for it
+                if config.lookup and engine.backend != "onnxruntime-genai":  # own process: llama.cpp keeps all logits
                     out = _run_worker(engine, config, prompt_file, lookup=config.lookup)
                     for run in out["runs"]:
                         for m in LOOKUP_METRICS:
@@ -145,13 +145,13 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
     result = {"config": config.__dict__, "machine": machine_tag(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "prompt_tokens": len(ids), "engines": {}}
     for engine in engines:
-        med = {m: statistics.median(v) for m, v in samples[engine.label].items()}
+        med = {m: statistics.median(v) for m, v in samples[engine.label].items() if v}  # none: not timed
         med["file_mb"] = sum(p.stat().st_size for p in engine.files) / 2**20
         med["backend"] = engine.backend
         med["model"] = engine.model
         if ppl_fn is not None and config.ppl_tokens:
             med["ppl"] = ppl_fn(engine)
-        if config.lookup:
+        if same_tokens[engine.label]:
             med["lookup_same_tokens"] = all(same_tokens[engine.label])
             # where drafting's tokens first left the plain decode's (a near tie between pass shapes), per run
             med["lookup_first_difference"] = first_difference[engine.label]
@@ -179,6 +179,10 @@ def alice_perplexity(tokenizer, config: BenchConfig) -> Callable[[Engine], float
         from edgellm.runtime.registry import create_backend
 
         ids = tokenizer.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
+        if engine.backend == "onnxruntime-genai":
+            from edgellm.bench import genai
+
+            return genai.perplexity(engine.model, ids, window=512)
         backend = create_backend(engine.backend, load_model(engine.model), threads=config.threads, logits_all=True)
         return perplexity(backend, ids, window=512, progress=True).ppl
 
@@ -211,9 +215,9 @@ def format_table(result: dict) -> str:
     rows = ["| metric | " + " | ".join(labels) + " |" + "".join(f" {r} |" for r in ratios),
             "|---|" + "---|" * (len(labels) + len(ratios))]
     for m in ("prefill_tok_s", "decode_tok_s", *LOOKUP_METRICS, "ttft_ms", "peak_rss_mb", "file_mb", "load_s", "ppl"):
-        if not all(m in result["engines"][lb] for lb in labels):
+        if not any(m in result["engines"][lb] for lb in labels):
             continue
-        cells = [f"{result['engines'][lb][m]:.2f}" for lb in labels]
+        cells = [f"{result['engines'][lb][m]:.2f}" if m in result["engines"][lb] else "-" for lb in labels]
         extra = "".join(f" {r[m]:.2f}x |" if m in r else " |" for r in ratios.values())
         rows.append(f"| {m} | " + " | ".join(cells) + " |" + extra)
     return "\n".join(rows)

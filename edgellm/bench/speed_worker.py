@@ -114,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     with open(a.prompt_ids) as fh:
         prompt = json.load(fh)
-    if a.lookup:
+    if a.engine == "onnxruntime-genai":  # the comparison engine of `edgellm bench --genai` (its own API)
+        from edgellm.bench.genai import run as run_genai
+
+        if a.lookup:
+            raise SystemExit("speed_worker: --lookup is not timed for onnxruntime-genai")
+        print(json.dumps({**run_genai(a.model, prompt, a.n_decode, a.reps), "peak_rss_mb": peak_rss_kb() / 1024}))
+    elif a.lookup:
         print(json.dumps(run_lookup(a.engine, a.model, a.threads, prompt, a.n_decode, a.reps, a.lookup)))
     else:
         print(json.dumps(run(a.engine, a.model, a.threads, prompt, a.n_decode, a.reps)))

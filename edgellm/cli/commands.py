@@ -294,12 +294,20 @@ def bench(args: argparse.Namespace) -> int:
             extra_dir = Path(extra)
             files = tuple(p for p in extra_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
             engines.append(Engine(f"ort:{extra_dir.name}", "onnxruntime", str(extra_dir), files))
+        if args.genai:
+            from edgellm.bench.genai import GENAI_BACKEND, build_int4
+
+            if not (gguf.is_file() and gguf.suffix.lower() == ".gguf"):
+                raise ConfigError(f"--genai builds from the model's GGUF file; {gguf or '(none recorded)'} is not one")
+            genai_dir = build_int4(gguf, config.threads, log=lambda s: print(s, file=sys.stderr))
+            files = tuple(p for p in genai_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+            engines.append(Engine("ort-genai-int4", GENAI_BACKEND, str(genai_dir), files))
         if args.vs == "llama.cpp":
             engines.append(Engine("llama.cpp", "llama.cpp", str(gguf), (gguf,)))
         tok = _tokenizer(load_model(art_dir))
         result = run_bench(engines, tok, config, ppl_fn=alice_perplexity(tok, config) if config.ppl_tokens else None,
                            log=lambda s: print(s, file=sys.stderr))
-        add_ratios(result, "edgellm-ort", [e.label for e in engines[1:] if e.label.startswith("ort:")])
+        add_ratios(result, "edgellm-ort", [e.label for e in engines[1:] if e.label.startswith(("ort:", "ort-genai"))])
     print(format_table(result))
     if args.json:
         print(f"wrote {write_result(result, args.json)}", file=sys.stderr)

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=3, help="fresh processes per engine, interleaved")
     p.add_argument("--reps", type=_positive_int, default=2, help="timed runs per process")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="alice29 tokens for perplexity (0 skips)")
+    p.add_argument("--genai", action="store_true",
+                   help="add ONNX Runtime GenAI as a column: its model builder's int4 (symmetric RTN) of the same "
+                        "GGUF, built once and cached under ~/.cache/edgellm/genai (needs torch and transformers)")
     p.add_argument("--lookup", type=_non_negative_int, default=0, metavar="K",
                    help="also time greedy decode with prompt-lookup drafting (up to K guesses per pass) on every "
                         "engine, in separate worker processes: decode_lookup_tok_s, lookup_tokens_per_pass")
