@@ -644,7 +644,8 @@ def test_fuzz_every_operation_positive_and_negative(fuzz_target):
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             @given(case=operation.as_strategy(mode, auth_storage=schema.auth))
-            @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                      derandomize=True)  # the same cases every run: CI failures reproduce
             def run(case) -> None:
                 case.call_and_validate(**_checks(log))
 
@@ -690,7 +691,8 @@ def test_fuzz_stateful_follows_links_into_live_sessions(fuzz_target, tiny):
             for entry in list(server.app.state.service.store._sessions.values()):
                 server.app.state.service.delete(entry.id)
 
+    # derandomized: a random draw of 15 scenarios once never reached a successful forward (seen 2026-11-27)
     Workflow.run(settings=settings(max_examples=15, stateful_step_count=6, deadline=None, database=None,
-                                   suppress_health_check=list(HealthCheck)))
+                                   suppress_health_check=list(HealthCheck), derandomize=True))
     assert log.seen.get(("POST /v1/sessions", 201)), log.seen
     assert log.seen.get(("POST /v1/sessions/{session_id}/forward", 200)), log.seen  # real steps through links
