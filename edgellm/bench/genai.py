@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.bench.speed import GENAI_BACKEND
 from edgellm.errors import ConfigError, missing_extra
-
-GENAI_BACKEND = "onnxruntime-genai"
 
 
 def _genai():

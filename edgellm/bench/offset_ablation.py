@@ -74,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         dropped = export_onnx(load_model(a.model), Path(tmp) / "no-offsets", progress=True,
                               options=LoweringOptions(offset_sums="drop"))
 
-        def files(d: Path) -> tuple[Path, ...]:
-            return tuple(f for f in d.iterdir() if f.suffix in (".onnx", ".data"))
-
-        engines = [speed.Engine("edgellm-ort", "onnxruntime", str(exact), files(exact)),
-                   speed.Engine("ort:no-offsets", "onnxruntime", str(dropped), files(dropped)),
+        engines = [speed.Engine.onnx_dir("edgellm-ort", "onnxruntime", exact),
+                   speed.Engine.onnx_dir("ort:no-offsets", "onnxruntime", dropped),
                    speed.Engine("llama.cpp", "llama.cpp", str(model.source), (Path(model.source),))]
         tok = Tokenizer(model.tokenizer)
         result = speed.run_bench(engines, tok, config, ppl_fn=speed.alice_perplexity(tok, config) if config.ppl_tokens else None,

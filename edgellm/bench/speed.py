@@ -21,6 +21,8 @@ from pathlib import Path
 
 from edgellm.errors import BenchmarkError, ConfigError
 
+GENAI_BACKEND = "onnxruntime-genai"  # the comparison engine of `edgellm bench --genai` (edgellm.bench.genai)
+
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s")
 # with BenchConfig.lookup > 0; lookup_baseline_tok_s: plain decoding through the same loop, in the same process
 LOOKUP_METRICS = ("decode_lookup_tok_s", "lookup_tokens_per_pass", "lookup_baseline_tok_s")
@@ -61,6 +63,12 @@ class Engine:
     backend: str  # registry name
     model: str  # path the worker loads
     files: tuple[Path, ...]  # what is on disk for this engine
+
+    @classmethod
+    def onnx_dir(cls, label: str, backend: str, directory: Path) -> Engine:
+        """An engine whose model is a directory of ONNX graph + external data (its file size is those)."""
+        files = tuple(p for p in directory.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
+        return cls(label, backend, str(directory), files)
 
 
 def machine_tag() -> dict:
@@ -131,7 +139,7 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
                 s["load_s"].append(out["load_s"])
                 log(f"round {r + 1}/{config.rounds} {engine.label}: decode "
                     f"{statistics.median(x['decode_tok_s'] for x in out['runs']):.1f} tok/s")
-                if config.lookup and engine.backend != "onnxruntime-genai":  # own process: llama.cpp keeps all logits
+                if config.lookup and engine.backend != GENAI_BACKEND:  # own process: llama.cpp keeps all logits
                     out = _run_worker(engine, config, prompt_file, lookup=config.lookup)
                     for run in out["runs"]:
                         for m in LOOKUP_METRICS:
@@ -179,7 +187,7 @@ def alice_perplexity(tokenizer, config: BenchConfig) -> Callable[[Engine], float
         from edgellm.runtime.registry import create_backend
 
         ids = tokenizer.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
-        if engine.backend == "onnxruntime-genai":
+        if engine.backend == GENAI_BACKEND:
             from edgellm.bench import genai
 
             return genai.perplexity(engine.model, ids, window=512)

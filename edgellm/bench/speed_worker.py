@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     with open(a.prompt_ids) as fh:
         prompt = json.load(fh)
-    if a.engine == "onnxruntime-genai":  # the comparison engine of `edgellm bench --genai` (its own API)
+    from edgellm.bench.speed import GENAI_BACKEND
+
+    if a.engine == GENAI_BACKEND:  # the comparison engine of `edgellm bench --genai` (its own API)
         from edgellm.bench.genai import run as run_genai
 
         if a.lookup:

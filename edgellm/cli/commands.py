@@ -254,6 +254,7 @@ def bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from edgellm.bench.speed import (
+        GENAI_BACKEND,
         BenchConfig,
         Engine,
         add_ratios,
@@ -288,20 +289,15 @@ def bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--vs llama.cpp needs the model's GGUF file; {gguf or '(none recorded)'} is not one")
         if "artifact" not in model.metadata:
             art_dir = export_onnx(model, Path(tmp) / "onnx", _plan(args, model), progress=True)
-        art_files = tuple(p for p in art_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
-        engines = [Engine("edgellm-ort", "onnxruntime", str(art_dir), art_files)]
-        for extra in args.also:
-            extra_dir = Path(extra)
-            files = tuple(p for p in extra_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
-            engines.append(Engine(f"ort:{extra_dir.name}", "onnxruntime", str(extra_dir), files))
+        engines = [Engine.onnx_dir("edgellm-ort", "onnxruntime", art_dir)]
+        engines += [Engine.onnx_dir(f"ort:{Path(extra).name}", "onnxruntime", Path(extra)) for extra in args.also]
         if args.genai:
-            from edgellm.bench.genai import GENAI_BACKEND, build_int4
+            from edgellm.bench.genai import build_int4
 
             if not (gguf.is_file() and gguf.suffix.lower() == ".gguf"):
                 raise ConfigError(f"--genai builds from the model's GGUF file; {gguf or '(none recorded)'} is not one")
             genai_dir = build_int4(gguf, config.threads, log=lambda s: print(s, file=sys.stderr))
-            files = tuple(p for p in genai_dir.iterdir() if p.is_file() and p.suffix in (".onnx", ".data"))
-            engines.append(Engine("ort-genai-int4", GENAI_BACKEND, str(genai_dir), files))
+            engines.append(Engine.onnx_dir("ort-genai-int4", GENAI_BACKEND, genai_dir))
         if args.vs == "llama.cpp":
             engines.append(Engine("llama.cpp", "llama.cpp", str(gguf), (gguf,)))
         tok = _tokenizer(load_model(art_dir))

@@ -52,11 +52,8 @@ def prepare_weight(tensor: WeightTensor, fmt: str) -> tuple[Weight, str]:
     return bq, f"{bq.source} from {tensor.qtype}"
 
 
-def lower(description: ModelDescription, plan: CompressionPlan, progress: bool = False,
-          options: LoweringOptions | None = None):
-    """Build the ONNX model in memory; returns (onnx model, per-layer format table).
-
-    options: graph lowering choices; default: the plan's accuracy levels and the exact offset path."""
+def lower(description: ModelDescription, plan: CompressionPlan, options: LoweringOptions, progress: bool = False):
+    """Build the ONNX model in memory; returns (onnx model, per-layer format table)."""
     cfg, w = description.config, description.weights
     layers: dict[str, str] = {}
     linears: dict[str, Weight] = {}
@@ -86,15 +83,15 @@ def lower(description: ModelDescription, plan: CompressionPlan, progress: bool =
     else:
         embed = embed_tensor.to_float()
         layers["token_embd"] = f"fp32 from {embed_tensor.qtype}"
-    options = options or LoweringOptions(accuracy_level=plan.accuracy_level,
-                                         lm_head_accuracy_level=plan.lm_head_accuracy_level)
     model = build_llama_graph(cfg, norms, linears, embed, lm_head, inverse_frequencies(description), options)
     return model, layers
 
 
 def export_onnx(description: ModelDescription, out_dir: str | Path, plan: CompressionPlan | None = None,
                 overwrite: bool = False, progress: bool = False, options: LoweringOptions | None = None) -> Path:
-    """Write the artifact directory atomically and return its path. options: see lower()."""
+    """Write the artifact directory atomically and return its path.
+
+    options: graph lowering choices; default: the plan's accuracy levels and the exact offset path."""
     import onnx
 
     plan = plan or CompressionPlan()
@@ -109,7 +106,7 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
     if (options.accuracy_level, options.lm_head_accuracy_level) != levels:
         raise ConfigError(f"lowering accuracy levels {options.accuracy_level}/{options.lm_head_accuracy_level} "
                           f"disagree with plan {plan.name!r} ({levels[0]}/{levels[1]}); set them in one place")
-    model, layers = lower(description, plan, progress, options)
+    model, layers = lower(description, plan, options, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -140,11 +140,11 @@ def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
 
 
 # ids (batch, sequence) or hidden (batch, sequence, H) ─► Shape(end=2) ─► Concat([-1]) ─► seq_shape
-def sequence_shape(b: GraphBuilder, source: str, prefix: str = "embed") -> str:
+def sequence_shape(b: GraphBuilder, source: str) -> str:
     """[batch, sequence, -1]: reshapes the 2-D token rows back to the 3-D tensors attention takes."""
-    dims = b.op1("Shape", [source], name=f"{prefix}/shape", end=2)
+    dims = b.op1("Shape", [source], name="embed/shape", end=2)
     return b.op1("Concat", [dims, b.const("minus_one", np.array([-1], np.int64))], outputs=[SEQ_SHAPE],
-                 name=f"{prefix}/seq_shape", axis=0)
+                 name="embed/seq_shape", axis=0)
 
 
 # packed (B,S,nb,bs/2) ─► BitShift(<<4) ─► BitShift(>>4) = low nibbles ─► Unsqueeze ─┐
