@@ -88,6 +88,9 @@ def test_generate_on_a_tiny_gguf(tmp_path):
     (("bench", "--n-prompt", "9000", "--ppl-tokens", "0"), "exceed the model's context"),
     (("bench", "--also", "/no/such/export", "--ppl-tokens", "0", "--rounds", "1"), "not an ONNX export directory"),
     (("bench", "--also", "DIR_A/onnx", "--also", "DIR_B/onnx", "--ppl-tokens", "0"), "need distinct names"),
+    (("bench", "--prompt-corpus", "fields.c", "--ppl-tokens", "0"), "valid prompt corpus files: alice29.txt"),
+    (("generate", "-p", "hi", "--lookup", "4", "--offload", "http://127.0.0.1:9"), "does not combine with --offload"),
+    (("generate", "-p", "hi", "--lookup", "-1"), "--lookup"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(args, message, tmp_path):
     for part in ("DIR_A", "DIR_B"):  # two real export-looking directories with the same last name

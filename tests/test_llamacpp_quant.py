@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import llama_cpp  # noqa: F401  (the bench extra; scripts/setup.sh dev installs it: fail, never skip)
 import numpy as np
 import pytest
 
 from edgellm.errors import UnknownNameError
-
-pytest.importorskip("llama_cpp")
 
 
 def test_requantize_tiny_gguf_to_q8_0_matches_the_source_within_q8_0_error(tmp_path):

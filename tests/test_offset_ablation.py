@@ -53,3 +53,12 @@ def test_decode_profile_sees_one_gemm_per_corrected_linear(pair, model):
     assert profile["Gemm"]["nodes_per_step"] == 4 * n_layers
     assert profile["MatMulNBits"]["nodes_per_step"] == 4 * n_layers + 1  # + the Q8_0 lm_head
     assert "Add" not in profile  # the correction's sum is the Gemm's C input
+
+
+def test_lowering_options_must_agree_with_the_plan(model, tmp_path):
+    from edgellm.compress.plan import PRESETS
+    from edgellm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="disagree with plan 'lossless-exact' \\(0/0\\)"):
+        export_onnx(model, tmp_path / "x", PRESETS["lossless-exact"], options=LoweringOptions(offset_sums="drop"))
+    assert not (tmp_path / "x").exists()
