@@ -107,6 +107,7 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
         raise ConfigError(f"lowering accuracy levels {options.accuracy_level}/{options.lm_head_accuracy_level} "
                           f"disagree with plan {plan.name!r} ({levels[0]}/{levels[1]}); set them in one place")
     model, layers = lower(description, plan, options, progress)
+    _read_at_run_time_first(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -126,6 +127,21 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
     return out
 
 
+def _read_at_run_time_first(model) -> None:
+    """Order the data file: the weights a forward reads (norms, rope tables) first, those packed at load after.
+
+    Why: a runtime page fault maps a whole page-cache folio (up to 2 MB), so a norm weight that shares a
+    folio with packed weights brings them back into the RSS; grouped, the folios hold only what is read.
+    """
+    packed = {n.input[i] for n in model.graph.node if n.op_type == "MatMulNBits" for i in (1, 2, 3)
+              if i < len(n.input)}
+    packed |= {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
+    packed |= {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"}
+    ordered = sorted(model.graph.initializer, key=lambda t: t.name in packed)  # stable: graph order within each
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(ordered)
+
+
 def _write_tokenizer(description: ModelDescription, directory: Path) -> None:
     from edgellm.model.tokenizer import Tokenizer
 
@@ -137,8 +153,14 @@ def _write_tokenizer(description: ModelDescription, directory: Path) -> None:
 
 def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers: dict[str, str],
                     directory: Path, seconds: float, options: LoweringOptions) -> None:
+    import onnx
+
+    from edgellm.runtime.ort_weights import initializer_table
+
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(directory.iterdir()) if p.is_file()}
+    # where each weight lies in the data file: the runtime lends them to ONNX Runtime without parsing the graph
+    table, token_rows = initializer_table(onnx.load(str(directory / MODEL_FILE), load_external_data=False), DATA_FILE)
     manifest = {
         "format": ARTIFACT_FORMAT,
         "format_version": 1,
@@ -152,7 +174,7 @@ def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers
         "plan": plan.to_dict(),
         "layers": layers,
         "lowering": dataclasses.asdict(options),
-        "graph": {"model": MODEL_FILE, "external_data": DATA_FILE},
+        "graph": {"model": MODEL_FILE, "external_data": DATA_FILE, "initializers": table, "token_rows": token_rows},
         "files": files,
         "export_seconds": round(seconds, 2),
     }
