@@ -44,3 +44,20 @@ def alice_text() -> str:
 @pytest.fixture(scope="session")
 def alice_ids(tokenizer, alice_text) -> list[int]:
     return tokenizer.encode(alice_text)
+
+
+@pytest.fixture(scope="module")
+def artifact(model, tmp_path_factory):
+    """The default lossless-transcode ONNX export, written once per module; never modified by a test."""
+    from edgellm.export.onnx_export import export_onnx
+
+    return export_onnx(model, tmp_path_factory.mktemp("artifact") / "smollm2")
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    """A private copy of `artifact` that a test may damage."""
+    import shutil
+    from pathlib import Path
+
+    return Path(shutil.copytree(artifact, tmp_path / "smollm2"))

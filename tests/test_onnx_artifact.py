@@ -66,18 +66,6 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def artifact(model, tmp_path_factory) -> Path:
-    """The default lossless-transcode export, written once; never modified by a test."""
-    return export_onnx(model, tmp_path_factory.mktemp("artifact") / "smollm2")
-
-
-@pytest.fixture
-def copy(artifact, tmp_path) -> Path:
-    """A private copy of the export that a test may damage."""
-    return Path(shutil.copytree(artifact, tmp_path / "smollm2"))
-
-
-@pytest.fixture(scope="module")
 def backend(artifact):
     return _ort(artifact)
 

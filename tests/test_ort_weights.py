@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import onnx
 import pytest
 
 from edgellm.errors import ConfigError, ModelFormatError
-from edgellm.export.onnx_export import export_onnx
 from edgellm.model.loader import load_model
 from edgellm.runtime.backend import LayerRange
 from edgellm.runtime.onnxruntime_cpu import OrtBackend
@@ -29,16 +27,6 @@ from edgellm.runtime.ort_weights import SUPPORTED
 pytestmark = pytest.mark.skipif(not SUPPORTED or not Path("/proc/self/pagemap").exists(),
                                 reason="needs mmap.madvise and Linux /proc (lending is off elsewhere)")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.fixture(scope="module")
-def artifact(model, tmp_path_factory) -> Path:
-    return export_onnx(model, tmp_path_factory.mktemp("lent") / "smollm2")
-
-
-@pytest.fixture
-def copy(artifact, tmp_path) -> Path:
-    return Path(shutil.copytree(artifact, tmp_path / "smollm2"))
 
 
 def _backend(directory: Path, **options) -> OrtBackend:
