@@ -21,6 +21,7 @@ from edgellm import __version__
 from edgellm.compress.plan import RTN_FORMATS, CompressionPlan
 from edgellm.errors import ConfigError
 from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn
+from edgellm.export.onnx_data import save_model_with_data
 from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph
 from edgellm.model.artifact import ARTIFACT_FORMAT, MANIFEST, TOKENIZER_SPEC, sha256_file, tokenizer_to_dict
 from edgellm.model.description import ModelDescription
@@ -107,12 +108,13 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
         raise ConfigError(f"lowering accuracy levels {options.accuracy_level}/{options.lm_head_accuracy_level} "
                           f"disagree with plan {plan.name!r} ({levels[0]}/{levels[1]}); set them in one place")
     model, layers = lower(description, plan, options, progress)
-    _read_at_run_time_first(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        written = save_model_with_data(model, tmp / MODEL_FILE, DATA_FILE)
+        if written["shared_bytes"]:
+            log.info("%d tensors stored as %d ranges (%.1f MB shared, e.g. a tied embedding and lm_head)",
+                     written["tensors"], written["stored"], written["shared_bytes"] / 2**20)
         del model
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         _write_tokenizer(description, tmp)
@@ -125,21 +127,6 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _read_at_run_time_first(model) -> None:
-    """Order the data file: the weights a forward reads (norms, rope tables) first, those packed at load after.
-
-    Why: a runtime page fault maps a whole page-cache folio (up to 2 MB), so a norm weight that shares a
-    folio with packed weights brings them back into the RSS; grouped, the folios hold only what is read.
-    """
-    packed = {n.input[i] for n in model.graph.node if n.op_type == "MatMulNBits" for i in (1, 2, 3)
-              if i < len(n.input)}
-    packed |= {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
-    packed |= {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"}
-    ordered = sorted(model.graph.initializer, key=lambda t: t.name in packed)  # stable: graph order within each
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(ordered)
 
 
 def _write_tokenizer(description: ModelDescription, directory: Path) -> None:
