@@ -7,6 +7,7 @@ be bit-identical, since the kernels and the bytes are the same. Residency is rea
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
@@ -22,7 +23,7 @@ from edgellm.errors import ConfigError, ModelFormatError
 from edgellm.model.loader import load_model
 from edgellm.runtime.backend import LayerRange
 from edgellm.runtime.onnxruntime_cpu import OrtBackend
-from edgellm.runtime.ort_weights import SUPPORTED
+from edgellm.runtime.ort_weights import SUPPORTED, MappedWeights
 
 pytestmark = pytest.mark.skipif(not SUPPORTED or not Path("/proc/self/pagemap").exists(),
                                 reason="needs mmap.madvise and Linux /proc (lending is off elsewhere)")
@@ -33,19 +34,25 @@ def _backend(directory: Path, **options) -> OrtBackend:
     return OrtBackend(load_model(directory).config, directory, threads=2, **options)
 
 
+def _present_pages(start: int, end: int) -> np.ndarray:
+    """Indices of the pages in [start, end) of this process's memory that are resident (pagemap bit 63)."""
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(start // PAGE * 8)
+        raw = pagemap.read((end - start) // PAGE * 8)
+    return np.flatnonzero(np.array(struct.unpack(f"<{len(raw) // 8}Q", raw), dtype=np.uint64) >> np.uint64(63))
+
+
 def _resident_bytes(path: Path) -> int:
     """Bytes of `path` mapped into this process and present in memory (all mappings of it)."""
+    gc.collect()  # a backend freed between two readings must not leave its mapping in one of them
     real = os.path.realpath(path)
     total = 0
-    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
+    with open("/proc/self/maps") as maps:
         for line in maps:
             parts = line.split()
-            if len(parts) < 6 or parts[5] != real:
-                continue
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            pagemap.seek(start // PAGE * 8)
-            raw = pagemap.read((end - start) // PAGE * 8)
-            total += PAGE * sum(e >> 63 for e in struct.unpack(f"<{len(raw) // 8}Q", raw))
+            if len(parts) >= 6 and parts[5] == real:
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                total += PAGE * len(_present_pages(start, end))
     return total
 
 
@@ -56,14 +63,24 @@ def _logits(backend: OrtBackend, ids: list[int]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def test_lent_weights_compute_exactly_what_ort_computes_from_its_own_loading(artifact, alice_ids):
+@pytest.mark.parametrize("optimization", ["all", "none"])
+def test_lent_weights_compute_exactly_what_ort_computes_from_its_own_loading(artifact, alice_ids, optimization):
     ids = alice_ids[:40]
-    lent, own = _backend(artifact), _backend(artifact, lend_weights=False)
+    lent = _backend(artifact, optimization=optimization)
+    own = _backend(artifact, lend_weights=False, optimization=optimization)
     assert lent.weights is not None and own.weights is None
     np.testing.assert_array_equal(_logits(lent, ids), _logits(own, ids))  # bit-identical: same kernels, same bytes
 
 
-def test_a_layer_range_cut_gets_the_lent_weights_too(artifact, alice_ids):
+def test_a_layer_range_cut_gets_the_lent_weights_too(artifact, alice_ids, monkeypatch):
+    lent_counts = []
+    real_lend = MappedWeights.lend
+
+    def counting_lend(self, options, initializer_names=None):
+        lent_counts.append((initializer_names is not None, real_lend(self, options, initializer_names)))
+        return lent_counts[-1][1]
+
+    monkeypatch.setattr(MappedWeights, "lend", counting_lend)
     ids = np.asarray(alice_ids[:12])
     lent, own = _backend(artifact), _backend(artifact, lend_weights=False)
     outs = []
@@ -72,6 +89,17 @@ def test_a_layer_range_cut_gets_the_lent_weights_too(artifact, alice_ids):
         tail = b.open_session(max_tokens=16, layers=LayerRange(10, b.config.n_layers, n_layers=b.config.n_layers))
         outs.append(tail.forward(head.forward(ids), all_logits=True))
     np.testing.assert_array_equal(*outs)
+    cuts = [n for is_cut, n in lent_counts if is_cut]
+    assert len(cuts) == 2 and all(n > 30 for n in cuts), lent_counts  # each cut was lent its layers' weights
+
+
+def test_without_madvise_the_backend_loads_as_before(artifact, alice_ids, monkeypatch):
+    import edgellm.runtime.onnxruntime_cpu as ort_cpu
+
+    monkeypatch.setattr(ort_cpu, "SUPPORTED", False)
+    plain = _backend(artifact)
+    assert plain.weights is None
+    np.testing.assert_array_equal(_logits(plain, alice_ids[:12]), _logits(_backend(artifact), alice_ids[:12]))
 
 
 def test_packed_weights_leave_the_resident_set(artifact, alice_ids):
@@ -83,6 +111,12 @@ def test_packed_weights_leave_the_resident_set(artifact, alice_ids):
     lent_resident = _resident_bytes(data) - before
     # what a forward reads from the file: norms and rope tables (grouped first in the file), a few MB at most
     assert lent_resident < 0.05 * size, f"{lent_resident / 2**20:.1f} MB of the weights file still resident"
+    # ... and those pages lie at the front of the file, before the first int4 weight (plus one 2 MB folio)
+    base = np.frombuffer(lent.weights._map, dtype=np.uint8).ctypes.data
+    pages = _present_pages(base, base + size)
+    table = json.loads((artifact / "manifest.json").read_text())["graph"]["initializers"]
+    first_weight = min(v["offset"] for k, v in table.items() if k.endswith(".qweight"))
+    assert len(pages) and pages.max() * PAGE < first_weight + 2 * 2**20, (pages.max() * PAGE, first_weight)
     own = _backend(artifact, lend_weights=False)
     own.open_session(max_tokens=64).forward(np.asarray(alice_ids[:48]))
     own_resident = _resident_bytes(data) - before - lent_resident
@@ -130,9 +164,47 @@ def test_a_malformed_table_is_refused(copy):
     _edit_table(copy, lambda g: g.update(initializers=["not", "an", "object"]))
     with pytest.raises(ModelFormatError, match=r"graph\.initializers should be an object"):
         _backend(copy)
-    _edit_table(copy, lambda g: g.update(initializers={"lm_head.qweight": {"offset": 0}}))
+    _edit_table(copy, lambda g: g.update(initializers={"lm_head.qweight": {"offset": 0}}, token_rows=[]))
     with pytest.raises(ModelFormatError, match=r"graph\.initializers\['lm_head\.qweight'\] is malformed"):
         _backend(copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"length": -4, "shape": [-4]}, r"non-negative integers"),
+    ({"shape": [2**62, 4]}, r"does not fit its shape"),
+    ({"offset": 1.7}, r"non-negative integers"),
+    ({"shape": "44"}, r"non-negative integers"),
+    ({"dtype": "object"}, r"dtype 'object' is not a native numeric type"),
+    ({"dtype": ">f4"}, r"dtype '>f4' is not a native numeric type"),
+    ({"dtype": "U1"}, r"dtype 'U1' is not a native numeric type"),
+    ({"dtype": 7}, r"dtype 7 is not a native numeric type"),
+])
+def test_hostile_table_values_are_refused_by_name(copy, change, message):
+    _edit_table(copy, lambda g: g["initializers"]["blk.0.attn_norm.weight"].update(change))
+    with pytest.raises(ModelFormatError, match=rf"'blk\.0\.attn_norm\.weight'.*{message}"):
+        _backend(copy)
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["token_embd.q8", "no.such.tensor"], r"token_rows names tensors missing from graph\.initializers"),
+    (["token_embd.q8", "token_embd.q8"], r"or names one twice"),
+    (["blk.0.attn_norm.weight"], r"token-row table 'blk\.0\.attn_norm\.weight' has shape \[576\]"),
+    (["token_embd.q8", "rope.cos"],
+     r"token-row table '(rope\.cos|token_embd\.q8)' has shape .* the same number of rows"),
+])
+def test_bad_token_rows_are_refused(copy, rows, message):
+    _edit_table(copy, lambda g: g.update(token_rows=rows))
+    with pytest.raises(ModelFormatError, match=message):
+        _backend(copy)
+
+
+def test_a_data_file_that_is_a_directory_is_refused(copy):
+    (copy / "model.onnx.data").rename(copy / "elsewhere")
+    (copy / "model.onnx.data").mkdir()
+    graph = json.loads((copy / "manifest.json").read_text())["graph"]  # (the checksum check would stop a load first)
+    with pytest.raises(ModelFormatError, match=r"model\.onnx\.data: the external weight data is not a non-empty "
+                                               r"regular file"):
+        MappedWeights(copy, graph)
 
 
 def test_an_export_without_the_table_loads_as_before(copy, artifact, alice_ids):
@@ -142,7 +214,7 @@ def test_an_export_without_the_table_loads_as_before(copy, artifact, alice_ids):
     np.testing.assert_array_equal(_logits(old, alice_ids[:20]), _logits(_backend(artifact), alice_ids[:20]))
 
 
-def test_the_table_matches_the_graph_and_runtime_read_weights_come_first(artifact):
+def test_the_table_matches_the_graph(artifact):
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
     table = json.loads((artifact / "manifest.json").read_text())["graph"]["initializers"]
     for t in graph.initializer:
@@ -150,11 +222,6 @@ def test_the_table_matches_the_graph_and_runtime_read_weights_come_first(artifac
             info = {e.key: e.value for e in t.external_data}
             assert (int(info.get("offset", 0)), int(info["length"]), list(t.dims)) == \
                 (table[t.name]["offset"], table[t.name]["length"], table[t.name]["shape"])
-    packed = {n.input[i] for n in graph.node if n.op_type == "MatMulNBits" for i in (1, 2, 3) if i < len(n.input)}
-    packed |= {n.input[1] for n in graph.node if n.op_type == "Gemm"}
-    packed |= {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"}
-    read = [v["offset"] + v["length"] for k, v in table.items() if k not in packed]
-    assert read and max(read) <= min(v["offset"] for k, v in table.items() if k in packed)
 
 
 PEAK_SCRIPT = """

@@ -13,17 +13,53 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 INLINE_BELOW = 1024  # bytes: smaller initializers stay inside model.onnx
 PAGE_ALIGN_FROM = 1 << 20  # tensors this large start on a 4 KiB page (mmap-friendly), others on 64 bytes
 
 
-def packed_at_load(model: Any) -> set[str]:
-    """Initializers ONNX Runtime repacks when a session is created, or edgellm reads by row (embedding tables)."""
+def token_row_tables(model: Any) -> list[str]:
+    """Initializers used only as `Gather(table, input_ids)`: a runtime may read them row by row on demand."""
+    initializers = {t.name for t in model.graph.initializer}
+    uses: dict[str, list[bool]] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            if name in initializers:
+                uses.setdefault(name, []).append(n.op_type == "Gather" and i == 0 and n.input[1] == "input_ids")
+    return sorted(name for name, by_token in uses.items() if all(by_token))
+
+
+def not_read_at_run_time(model: Any) -> set[str]:
+    """Initializers a forward does not read from the file: weights ONNX Runtime repacks when the session is
+    created (MatMulNBits inputs, the constant B of Gemm/MatMul) and the token-row tables."""
+    initializers = {t.name for t in model.graph.initializer}
     nodes = model.graph.node
     names = {n.input[i] for n in nodes if n.op_type == "MatMulNBits" for i in (1, 2, 3) if i < len(n.input)}
-    names |= {n.input[1] for n in nodes if n.op_type == "Gemm"}
-    names |= {n.input[0] for n in nodes if n.op_type == "Gather" and n.input[1] == "input_ids"}
-    return names
+    names |= {n.input[1] for n in nodes if n.op_type in ("Gemm", "MatMul")}
+    return (names & initializers) | set(token_row_tables(model))
+
+
+def initializer_table(model: Any, data_file: str) -> dict[str, dict[str, Any]]:
+    """For the manifest: where each external initializer lies in `data_file` (numeric numpy dtypes only; a
+    runtime lends these to ONNX Runtime itself, anything else ONNX Runtime loads from the file)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    table: dict[str, dict[str, Any]] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        try:
+            dtype = np.dtype(tensor_dtype_to_np_dtype(t.data_type))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if info.get("location") != data_file or dtype.kind not in "biuf" or not dtype.isnative:
+            continue  # bfloat16, int4, ...: numpy has no faithful view of them
+        table[t.name] = {"offset": int(info.get("offset", 0)), "length": int(info["length"]),
+                         "dtype": dtype.name, "shape": list(t.dims)}
+    return table
 
 
 def save_model_with_data(model: Any, model_path: Path, data_file: str) -> dict[str, int]:
@@ -36,9 +72,9 @@ def save_model_with_data(model: Any, model_path: Path, data_file: str) -> dict[s
     import onnx
     from onnx.external_data_helper import set_external_data
 
-    packed = packed_at_load(model)
+    later = not_read_at_run_time(model)
     big = [t for t in model.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= INLINE_BELOW]
-    big.sort(key=lambda t: t.name in packed)  # stable: graph order within each group
+    big.sort(key=lambda t: t.name in later)  # stable: graph order within each group
     stored: dict[bytes, int] = {}
     shared = 0
     with open(model_path.parent / data_file, "wb") as fh:

@@ -21,7 +21,7 @@ from edgellm import __version__
 from edgellm.compress.plan import RTN_FORMATS, CompressionPlan
 from edgellm.errors import ConfigError
 from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn
-from edgellm.export.onnx_data import save_model_with_data
+from edgellm.export.onnx_data import initializer_table, save_model_with_data, token_row_tables
 from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph
 from edgellm.model.artifact import ARTIFACT_FORMAT, MANIFEST, TOKENIZER_SPEC, sha256_file, tokenizer_to_dict
 from edgellm.model.description import ModelDescription
@@ -142,12 +142,12 @@ def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers
                     directory: Path, seconds: float, options: LoweringOptions) -> None:
     import onnx
 
-    from edgellm.runtime.ort_weights import initializer_table
-
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(directory.iterdir()) if p.is_file()}
     # where each weight lies in the data file: the runtime lends them to ONNX Runtime without parsing the graph
-    table, token_rows = initializer_table(onnx.load(str(directory / MODEL_FILE), load_external_data=False), DATA_FILE)
+    graph = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
+    table = initializer_table(graph, DATA_FILE)
+    token_rows = [name for name in token_row_tables(graph) if name in table]
     manifest = {
         "format": ARTIFACT_FORMAT,
         "format_version": 1,

@@ -58,6 +58,7 @@ class OrtSession(Session):
             x = np.asarray(inputs, dtype=np.int64).reshape(1, -1)
             if self.backend.weights is not None:
                 self.backend.weights.ensure_rows(x)  # the embedding rows it gathers, read in on first use
+                # (ids were checked against the vocabulary by Session.forward)
             b.bind_cpu_input("input_ids", x)
         else:
             x = np.ascontiguousarray(inputs, dtype=np.float32)
