@@ -2,7 +2,9 @@
 
 Each session preallocates its KV cache once (one OrtValue per layer and kind, `max_tokens` long) and
 binds it as both the past input and the present output of GroupQueryAttention, which then appends
-new keys/values in place: no per-token reallocation, no copy of the cache.
+new keys/values in place: no per-token reallocation, no copy of the cache. The weights are lent to
+ONNX Runtime from edgellm's own mapping of the export (edgellm.runtime.ort_weights), which keeps the
+file's pages out of the resident set once ONNX Runtime has packed them.
 """
 
 from __future__ import annotations
