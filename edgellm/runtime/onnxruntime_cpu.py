@@ -175,7 +175,7 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = levels[optimization]
         opts.log_severity_level = 3
         # A memory pattern is one extra buffer per input shape seen (every prefill length): 4 MB on the
-        # bench's peak RSS, no measurable time on these graphs (allocations come from the arena either way).
+        # bench's peak RSS; decode speed the same without it (process-isolated A/B: 112.0 vs 111.6 tok/s).
         opts.enable_mem_pattern = False
         if profile_dir:
             opts.enable_profiling = True
