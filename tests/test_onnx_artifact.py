@@ -328,6 +328,10 @@ def test_cli_bench_against_llamacpp(cli_export, tmp_path):
     for label, engine in result["engines"].items():
         for key in keys:
             assert isinstance(engine[key], float) and engine[key] > 0, (label, key, engine.get(key))
+    for label, engine in result["engines"].items():  # the resident set grows stage by stage up to its peak
+        stages = [engine[k] for k in ("rss_python_mb", "rss_model_description_mb", "rss_engine_ready_mb",
+                                      "rss_after_runs_mb")]
+        assert 10 < stages[0] < stages[1] < stages[2] <= stages[3] + 1 <= engine["peak_rss_mb"] + 1, (label, stages)
     assert result["machine"]["commit"]
     ratios = result["ratios"]["edgellm-ort/llama.cpp"]
     for key in keys:

@@ -19,15 +19,18 @@ import numpy as np
 
 def run(engine: str, model_path: str, threads: int, prompt: list[int], n_decode: int, reps: int) -> dict:
     t0 = time.perf_counter()
+    stages = {"python": rss_now_mb()}  # where the resident set grows, per stage (the same stages for every engine)
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
     model = load_model(model_path)
+    stages["model_description"] = rss_now_mb()
     backend = create_backend(engine, model, threads=threads)
     max_tokens = len(prompt) + n_decode + 1
     session = backend.open_session(max_tokens=max_tokens)
     session.forward(np.asarray(prompt[:8]))  # first call: kernels, allocator, thread pool warm
     load_s = time.perf_counter() - t0
+    stages["engine_ready"] = rss_now_mb()
     runs = []
     for _ in range(reps):
         session.reset()
@@ -42,7 +45,9 @@ def run(engine: str, model_path: str, threads: int, prompt: list[int], n_decode:
         decode_s = time.perf_counter() - t
         runs.append({"ttft_ms": prefill_s * 1e3, "prefill_tok_s": len(prompt) / prefill_s,
                      "decode_tok_s": n_decode / decode_s})
-    return {"engine": engine, "load_s": load_s, "runs": runs, "peak_rss_mb": peak_rss_kb() / 1024}
+    stages["after_runs"] = rss_now_mb()
+    return {"engine": engine, "load_s": load_s, "runs": runs, "peak_rss_mb": peak_rss_kb() / 1024,
+            **{f"rss_{stage}_mb": mb for stage, mb in stages.items()}}
 
 
 def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_decode: int, reps: int,
@@ -88,6 +93,18 @@ def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_
                      "lookup_baseline_tok_s": n_decode / plain_s, "same_tokens": tokens == plain,
                      "first_difference": differ})
     return {"engine": engine, "runs": runs}
+
+
+def rss_now_mb() -> float:
+    """This process's resident set now (VmRSS), MB; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def peak_rss_kb() -> int:
