@@ -190,10 +190,12 @@ class OrtBackend(Backend):
             creating = contextlib.nullcontext()
         try:
             with creating:
-                return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             where = self.directory if isinstance(path, bytes) else path
             raise ModelFormatError(f"{where}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
+        session._edgellm_weights = self.weights  # ORT reads lent arrays in place: they must live as long as it
+        return session
 
     @classmethod
     def from_model(cls, description: ModelDescription, threads: int | None = None, **options: Any) -> OrtBackend:
