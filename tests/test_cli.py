@@ -134,3 +134,17 @@ def test_bench_table_reports_every_ratio():
     table = format_table(result).splitlines()
     assert table[0].endswith("| edgellm-ort/llama.cpp | ort:dense/llama.cpp | edgellm-ort/ort:dense |")
     assert table[2] == "| decode_tok_s | 150.00 | 120.00 | 100.00 | 1.50x | 1.20x | 1.25x |"
+
+
+def test_bench_table_shows_rss_stages_and_a_dash_where_an_engine_has_none():
+    from edgellm.bench.speed import format_table
+    from edgellm.bench.speed_worker import RSS_STAGE_KEYS
+
+    engines = {"edgellm-ort": {"peak_rss_mb": 224.0, **dict.fromkeys(RSS_STAGE_KEYS, 50.0)},
+               "ort-genai-int4": {"peak_rss_mb": 250.0, "rss_python_mb": 28.0},  # GenAI loads no description
+               "llama.cpp": {"peak_rss_mb": 187.0, **dict.fromkeys(RSS_STAGE_KEYS, 40.0)}}
+    result = {"engines": engines, "ratios": {"edgellm-ort/llama.cpp": {"peak_rss_mb": 224 / 187}}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in format_table(result).splitlines()[2:]}
+    assert list(rows) == ["peak_rss_mb", *RSS_STAGE_KEYS]
+    assert rows["rss_python_mb"] == "| rss_python_mb | 50.00 | 28.00 | 40.00 | |"
+    assert rows["rss_model_description_mb"] == "| rss_model_description_mb | 50.00 | - | 40.00 | |"

@@ -124,6 +124,16 @@ def test_packed_weights_leave_the_resident_set(artifact, alice_ids):
     assert own_resident > lent_resident + 10 * 2**20, (own_resident, lent_resident)
 
 
+def test_a_session_outlives_its_backend(artifact, alice_ids):
+    """ONNX Runtime reads the lent arrays in place: a session kept after its backend is dropped still works."""
+    backend = _backend(artifact)
+    expected = backend.open_session(max_tokens=16).forward(np.asarray(alice_ids[:10]))
+    kept = backend.open_session(max_tokens=16)
+    del backend
+    gc.collect()
+    np.testing.assert_array_equal(kept.forward(np.asarray(alice_ids[:10])), expected)
+
+
 def test_embedding_rows_are_read_in_on_first_use_only(artifact, alice_ids):
     b = _backend(artifact)
     weights = b.weights

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,14 +102,17 @@ def _generator(og, model, max_length: int):
     return og.Generator(model, params)
 
 
-def run(model_dir: str, prompt: list[int], n_decode: int, reps: int) -> dict:
-    """The speed worker's measurements (load, TTFT, prefill and greedy decode) for a GenAI model."""
+def run(model_dir: str, prompt: list[int], n_decode: int, reps: int,
+        on_ready: Callable[[], None] = lambda: None) -> dict:
+    """The speed worker's measurements (load, TTFT, prefill and greedy decode) for a GenAI model;
+    `on_ready` is called once the model is loaded and warm (the worker records its RSS there)."""
     og = _genai()
     t0 = time.perf_counter()
     model = og.Model(model_dir)
     warm = _generator(og, model, 16)
     warm.append_tokens(prompt[:8])
     load_s = time.perf_counter() - t0
+    on_ready()
     runs = []
     for _ in range(reps):
         gen = _generator(og, model, len(prompt) + n_decode + 1)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm.bench.speed_worker import RSS_STAGE_KEYS
 from edgellm.errors import BenchmarkError, ConfigError
 
 GENAI_BACKEND = "onnxruntime-genai"  # the comparison engine of `edgellm bench --genai` (edgellm.bench.genai)
@@ -26,9 +27,6 @@ GENAI_BACKEND = "onnxruntime-genai"  # the comparison engine of `edgellm bench -
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s")
 # with BenchConfig.lookup > 0; lookup_baseline_tok_s: plain decoding through the same loop, in the same process
 LOOKUP_METRICS = ("decode_lookup_tok_s", "lookup_tokens_per_pass", "lookup_baseline_tok_s")
-# resident set (VmRSS, MB) after each stage of a worker: python + numpy, edgellm's model description
-# (config, tokenizer), engine loaded and warm, all timed runs done; peak_rss_mb is the high-water mark
-RSS_STAGES = ("rss_python_mb", "rss_model_description_mb", "rss_engine_ready_mb", "rss_after_runs_mb")
 RATIO_KEYS = (*METRICS, "decode_lookup_tok_s", "file_mb", "ppl")
 HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s": True, "ttft_ms": False, "peak_rss_mb": False,
                     "load_s": False, "file_mb": False, "ppl": False, "decode_lookup_tok_s": True,
@@ -139,7 +137,7 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
                     for m in ("prefill_tok_s", "decode_tok_s", "ttft_ms"):
                         s[m].append(run[m])
                 s["peak_rss_mb"].append(out["peak_rss_mb"])
-                for stage in RSS_STAGES:
+                for stage in RSS_STAGE_KEYS:
                     if stage in out:
                         s.setdefault(stage, []).append(out[stage])
                 s["load_s"].append(out["load_s"])
@@ -228,7 +226,7 @@ def format_table(result: dict) -> str:
     ratios = result.get("ratios", {})
     rows = ["| metric | " + " | ".join(labels) + " |" + "".join(f" {r} |" for r in ratios),
             "|---|" + "---|" * (len(labels) + len(ratios))]
-    for m in ("prefill_tok_s", "decode_tok_s", *LOOKUP_METRICS, "ttft_ms", "peak_rss_mb", *RSS_STAGES, "file_mb",
+    for m in ("prefill_tok_s", "decode_tok_s", *LOOKUP_METRICS, "ttft_ms", "peak_rss_mb", *RSS_STAGE_KEYS, "file_mb",
               "load_s", "ppl"):
         if not any(m in result["engines"][lb] for lb in labels):
             continue

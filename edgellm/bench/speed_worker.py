@@ -19,18 +19,19 @@ import numpy as np
 
 def run(engine: str, model_path: str, threads: int, prompt: list[int], n_decode: int, reps: int) -> dict:
     t0 = time.perf_counter()
-    stages = {"python": rss_now_mb()}  # where the resident set grows, per stage (the same stages for every engine)
+    stages = StageRss()  # where the resident set grows, per stage (the same stages for every engine)
+    stages.mark("python")
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
     model = load_model(model_path)
-    stages["model_description"] = rss_now_mb()
+    stages.mark("model_description")
     backend = create_backend(engine, model, threads=threads)
     max_tokens = len(prompt) + n_decode + 1
     session = backend.open_session(max_tokens=max_tokens)
     session.forward(np.asarray(prompt[:8]))  # first call: kernels, allocator, thread pool warm
     load_s = time.perf_counter() - t0
-    stages["engine_ready"] = rss_now_mb()
+    stages.mark("engine_ready")
     runs = []
     for _ in range(reps):
         session.reset()
@@ -45,9 +46,8 @@ def run(engine: str, model_path: str, threads: int, prompt: list[int], n_decode:
         decode_s = time.perf_counter() - t
         runs.append({"ttft_ms": prefill_s * 1e3, "prefill_tok_s": len(prompt) / prefill_s,
                      "decode_tok_s": n_decode / decode_s})
-    stages["after_runs"] = rss_now_mb()
-    return {"engine": engine, "load_s": load_s, "runs": runs, "peak_rss_mb": peak_rss_kb() / 1024,
-            **{f"rss_{stage}_mb": mb for stage, mb in stages.items()}}
+    stages.mark("after_runs")
+    return {"engine": engine, "load_s": load_s, "runs": runs, "peak_rss_mb": peak_rss_kb() / 1024, **stages.values}
 
 
 def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_decode: int, reps: int,
@@ -95,16 +95,27 @@ def run_lookup(engine: str, model_path: str, threads: int, prompt: list[int], n_
     return {"engine": engine, "runs": runs}
 
 
-def rss_now_mb() -> float:
-    """This process's resident set now (VmRSS), MB; 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+# Resident set (VmRSS) after each stage of a worker: python + numpy, edgellm's model description (config,
+# tokenizer; GenAI loads none), engine loaded and warm, timed runs done. JSON keys: rss_<stage>_mb.
+RSS_STAGES = ("python", "model_description", "engine_ready", "after_runs")
+RSS_STAGE_KEYS = tuple(f"rss_{stage}_mb" for stage in RSS_STAGES)
+
+
+class StageRss:
+    """VmRSS at named stages, as the worker's JSON keys; nothing where /proc is missing."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        assert stage in RSS_STAGES, stage
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        self.values[f"rss_{stage}_mb"] = int(line.split()[1]) / 1024
+        except OSError:
+            pass
 
 
 def peak_rss_kb() -> int:
@@ -116,7 +127,8 @@ def peak_rss_kb() -> int:
                     return int(line.split()[1])
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # macOS reports bytes, Linux KiB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if a.lookup:
             raise SystemExit("speed_worker: --lookup is not timed for onnxruntime-genai")
-        print(json.dumps({**run_genai(a.model, prompt, a.n_decode, a.reps), "peak_rss_mb": peak_rss_kb() / 1024}))
+        stages = StageRss()
+        stages.mark("python")
+        out = run_genai(a.model, prompt, a.n_decode, a.reps, on_ready=lambda: stages.mark("engine_ready"))
+        stages.mark("after_runs")
+        print(json.dumps({**out, "peak_rss_mb": peak_rss_kb() / 1024, **stages.values}))
     elif a.lookup:
         print(json.dumps(run_lookup(a.engine, a.model, a.threads, prompt, a.n_decode, a.reps, a.lookup)))
     else:

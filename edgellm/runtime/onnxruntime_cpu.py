@@ -194,7 +194,9 @@ class OrtBackend(Backend):
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             where = self.directory if isinstance(path, bytes) else path
             raise ModelFormatError(f"{where}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
-        session._edgellm_weights = self.weights  # ORT reads lent arrays in place: they must live as long as it
+        # ORT reads lent arrays in place: they must live as long as it. (Run directly, without OrtSession,
+        # it would gather zeros for tokens whose embedding rows ensure_rows has not read in yet.)
+        session._edgellm_weights = self.weights
         return session
 
     @classmethod

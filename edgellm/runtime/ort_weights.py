@@ -141,7 +141,7 @@ class MappedWeights:
             return
         ids = np.asarray(ids).ravel()
         vocab = self._filled.shape[0]
-        if ids.size == 1 and 0 <= int(ids[0]) < vocab and self._filled[int(ids[0])]:
+        if ids.size == 1 and 0 <= int(ids[0]) < vocab and self._filled[int(ids[0])] and self._fd >= 0:
             return  # the decode step's usual case, kept cheap (~1 us)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ConfigError(f"token ids must lie in [0, {vocab}), found {int(ids.min())}..{int(ids.max())}")
