@@ -214,7 +214,10 @@ def test_stall_beyond_the_timeout_falls_back_locally(tiny, expected):
 
 
 def test_failover_to_a_second_server(tiny, expected):
-    with server(tiny) as (first, p1), server(tiny) as (_, p2), generator(tiny, [p1.url, p2.url]) as gen:
+    # A static split: whether the adaptive planner *should* move back to a server after a fault depends on
+    # measured costs (on a loaded CI machine it may rightly stay local); here the failover itself is tested.
+    with server(tiny) as (first, p1), server(tiny) as (_, p2), \
+            generator(tiny, [p1.url, p2.url], static_split=0) as gen:
         tokens = run(gen, tiny, on_token=lambda i: i == 5 and first.kill())
         records = gen.last_records
     assert tokens == expected
