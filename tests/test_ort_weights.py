@@ -254,5 +254,6 @@ def test_lending_lowers_the_peak_rss_of_a_fresh_process(artifact):
         out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(artifact), lend], capture_output=True, text=True,
                              check=True)
         peaks[lend] = int(out.stdout.split()[-1]) / 1024
-    # measured here: ~222 vs ~265 MB; the creation transient (lm_head original) and embedding pages are gone
-    assert peaks["1"] < peaks["0"] - 25, peaks
+    # measured here: lent ~219-222 MB; ONNX Runtime's own loading 238-266 MB (how many embedding pages it keeps
+    # depends on the page cache's folio sizes). The creation transient and the embedding pages are gone.
+    assert peaks["1"] < peaks["0"] - 10, peaks
