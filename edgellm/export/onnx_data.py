@@ -4,7 +4,7 @@ keeps a runtime's resident set small.
 Why not `onnx.save_model(save_as_external_data=True)`: it writes every initializer separately, so a tied
 embedding and lm_head (SmolLM2: the same Q8_0 blocks and scales, gathered by one node and multiplied by
 another) are stored twice, 32 MB of a 139 MB export; and it keeps graph order, which interleaves the
-few tensors a forward reads with the weights ONNX Runtime packs at load (see `read_at_run_time`).
+few tensors a forward reads with the weights ONNX Runtime packs at load (see `not_read_at_run_time`).
 """
 
 from __future__ import annotations
