@@ -184,13 +184,15 @@ def run_bench(engines: list[Engine], tokenizer, config: BenchConfig,
 def alice_perplexity(tokenizer, config: BenchConfig) -> Callable[[Engine], float]:
     """Perplexity of an engine on alice29's first config.ppl_tokens tokens, windows of 512 (baselines.md)."""
 
-    def ppl(engine: Engine) -> float:
+    from edgellm.corpus import canterbury_path
+
+    ids = tokenizer.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
+
+    def ppl(engine: Engine) -> float:  # the same token ids for every engine, encoded once
         from edgellm.bench.perplexity import perplexity
-        from edgellm.corpus import canterbury_path
         from edgellm.model.loader import load_model
         from edgellm.runtime.registry import create_backend
 
-        ids = tokenizer.encode(canterbury_path("alice29.txt").read_bytes().decode("utf-8"))[: config.ppl_tokens]
         if engine.backend == GENAI_BACKEND:
             from edgellm.bench import genai
 

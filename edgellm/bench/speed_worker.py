@@ -109,24 +109,28 @@ class StageRss:
 
     def mark(self, stage: str) -> None:
         assert stage in RSS_STAGES, stage
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        self.values[f"rss_{stage}_mb"] = int(line.split()[1]) / 1024
-        except OSError:
-            pass
+        kb = _status_kb("VmRSS")
+        if kb is not None:
+            self.values[f"rss_{stage}_mb"] = kb / 1024
+
+
+def _status_kb(field: str) -> int | None:
+    """A kB field of /proc/self/status (VmRSS, VmHWM); None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_kb() -> int:
     """This process's peak resident set: VmHWM (reset by exec, unlike ru_maxrss, which a child inherits)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
+    peak = _status_kb("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // 1024 if sys.platform == "darwin" else peak  # macOS reports bytes, Linux KiB
 

@@ -115,10 +115,14 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
         if written["shared_bytes"]:
             log.info("%d tensors stored as %d ranges (%.1f MB shared, e.g. a tied embedding and lm_head)",
                      written["tensors"], written["stored"], written["shared_bytes"] / 2**20)
+        # where each weight lies in the data file: the runtime lends them to ONNX Runtime without parsing the graph
+        table = initializer_table(model, DATA_FILE)
+        graph = {"model": MODEL_FILE, "external_data": DATA_FILE, "initializers": table,
+                 "token_rows": [name for name in token_row_tables(model) if name in table]}
         del model
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         _write_tokenizer(description, tmp)
-        _write_manifest(description, plan, layers, tmp, time.time() - started, options)
+        _write_manifest(description, plan, layers, tmp, time.time() - started, options, graph)
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -139,15 +143,9 @@ def _write_tokenizer(description: ModelDescription, directory: Path) -> None:
 
 
 def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers: dict[str, str],
-                    directory: Path, seconds: float, options: LoweringOptions) -> None:
-    import onnx
-
+                    directory: Path, seconds: float, options: LoweringOptions, graph: dict) -> None:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(directory.iterdir()) if p.is_file()}
-    # where each weight lies in the data file: the runtime lends them to ONNX Runtime without parsing the graph
-    graph = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
-    table = initializer_table(graph, DATA_FILE)
-    token_rows = [name for name in token_row_tables(graph) if name in table]
     manifest = {
         "format": ARTIFACT_FORMAT,
         "format_version": 1,
@@ -161,7 +159,7 @@ def _write_manifest(description: ModelDescription, plan: CompressionPlan, layers
         "plan": plan.to_dict(),
         "layers": layers,
         "lowering": dataclasses.asdict(options),
-        "graph": {"model": MODEL_FILE, "external_data": DATA_FILE, "initializers": table, "token_rows": token_rows},
+        "graph": graph,
         "files": files,
         "export_seconds": round(seconds, 2),
     }
