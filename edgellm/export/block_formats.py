@@ -38,6 +38,8 @@ class BlockQuantized:
     zero_point: int  # uniform integer zero point (the kernel's default: 2^(bits-1))
     block_offsets: np.ndarray | None = None  # float32 (K/block, N): Q4_1's m + 8d, else None
     source: str = ""  # e.g. "Q4_1 transcode", "int4 RTN"
+    gguf: np.ndarray | None = None  # uint8 (N, K/32 * block bytes): the file's own blocks, when transcoded
+    gguf_type: str = ""  # "Q4_0", "Q4_1" or "Q8_0" with `gguf`
 
     def dequantize(self) -> np.ndarray:
         """float32 (N, K): what the exported graph multiplies by (for tests and fallbacks)."""
@@ -50,8 +52,10 @@ class BlockQuantized:
     def rows(self, start: int, stop: int) -> BlockQuantized:
         """Output rows [start, stop) (un-fusing a fused group such as Q|K|V)."""
         offsets = None if self.block_offsets is None else self.block_offsets[:, start:stop].copy()
+        gguf = None if self.gguf is None else self.gguf[start:stop].copy()
         return BlockQuantized(stop - start, self.k, self.bits, self.block_size, self.packed[start:stop].copy(),
-                              self.scales[start:stop].copy(), self.zero_point, offsets, self.source)
+                              self.scales[start:stop].copy(), self.zero_point, offsets, self.source,
+                              gguf, self.gguf_type)
 
     @property
     def nbytes(self) -> int:
@@ -117,7 +121,8 @@ def from_q4_0(tensor: WeightTensor) -> BlockQuantized:
     b = _blocks(tensor, 18)
     q = _gguf_nibbles(b[..., 2:])
     n, k = tensor.shape
-    return BlockQuantized(n, k, 4, GGUF_BLOCK, pack(q, 4), _f16(b, 0), 8, source="Q4_0 transcode")
+    return BlockQuantized(n, k, 4, GGUF_BLOCK, pack(q, 4), _f16(b, 0), 8, source="Q4_0 transcode",
+                          gguf=b.reshape(n, -1), gguf_type="Q4_0")
 
 
 def from_q4_1(tensor: WeightTensor) -> BlockQuantized:
@@ -126,14 +131,16 @@ def from_q4_1(tensor: WeightTensor) -> BlockQuantized:
     q = _gguf_nibbles(b[..., 4:])
     n, k = tensor.shape
     offsets = (m + 8.0 * d).T.copy()  # d*q + m = d*(q - 8) + (m + 8d)
-    return BlockQuantized(n, k, 4, GGUF_BLOCK, pack(q, 4), d, 8, offsets, source="Q4_1 transcode")
+    return BlockQuantized(n, k, 4, GGUF_BLOCK, pack(q, 4), d, 8, offsets, source="Q4_1 transcode",
+                          gguf=b.reshape(n, -1), gguf_type="Q4_1")
 
 
 def from_q8_0(tensor: WeightTensor) -> BlockQuantized:
     b = _blocks(tensor, 34)
     q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
     n, k = tensor.shape
-    return BlockQuantized(n, k, 8, GGUF_BLOCK, q, _f16(b, 0), 128, source="Q8_0 transcode")
+    return BlockQuantized(n, k, 8, GGUF_BLOCK, q, _f16(b, 0), 128, source="Q8_0 transcode",
+                          gguf=b.reshape(n, -1), gguf_type="Q8_0")
 
 
 LOSSLESS_TRANSCODERS = {"Q4_0": from_q4_0, "Q4_1": from_q4_1, "Q8_0": from_q8_0}
@@ -187,3 +194,29 @@ def quantize_format(weights: np.ndarray, fmt: str) -> BlockQuantized:
         raise ConfigError(f"{fmt!r} is not a round-to-nearest format; valid: {', '.join(QUANT_FORMATS)}")
     spec = QUANT_FORMATS[fmt]
     return quantize_rtn(weights, spec.bits, spec.group, symmetric=spec.symmetric)
+
+
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_SCALE_FIELDS = {"Q4_0": 1, "Q4_1": 2, "Q8_0": 1}  # f16 fields before the codes: d (, m)
+
+
+def interleave_x8(blocks: np.ndarray, gguf_type: str) -> np.ndarray:
+    """GGUF blocks (N, K/32 * bytes) -> edgellm's BlockMatMul "x8" layout (ceil(N/8), K/32 * 8 * bytes).
+
+    Rows go in groups of 8 (the last one zero-padded); per group and block the 8 rows' f16 scales come
+    first (then Q4_1's 8 minima), then the 8 rows' codes, so a kernel converts 8 scales with one load.
+    Byte-for-byte the same values as the file: only their order changes."""
+    if gguf_type not in GGUF_BLOCK_BYTES:
+        raise ConfigError(f"x8 layout is defined for {', '.join(GGUF_BLOCK_BYTES)}, not {gguf_type}")
+    bpb = GGUF_BLOCK_BYTES[gguf_type]
+    n = blocks.shape[0]
+    b = np.asarray(blocks, dtype=np.uint8).reshape(n, -1, bpb)
+    nb = b.shape[1]
+    groups = -(-n // 8)
+    padded = np.zeros((groups * 8, nb, bpb), dtype=np.uint8)
+    padded[:n] = b
+    g = padded.reshape(groups, 8, nb, bpb).transpose(0, 2, 1, 3)  # (G, nb, 8 rows, bpb)
+    head = 2 * _SCALE_FIELDS[gguf_type]
+    fields = [g[..., 2 * f:2 * f + 2].reshape(groups, nb, 16) for f in range(_SCALE_FIELDS[gguf_type])]
+    codes = g[..., head:].reshape(groups, nb, 8 * (bpb - head))
+    return np.ascontiguousarray(np.concatenate(fields + [codes], axis=-1).reshape(groups, nb * 8 * bpb))

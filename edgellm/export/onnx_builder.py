@@ -15,6 +15,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise missing_extra("onnx", "ort") from exc
 
 MS_DOMAIN = "com.microsoft"
+EDGELLM_DOMAIN = "com.edgellm"  # edgellm's own kernels (edgellm.runtime.ort_kernels)
 
 
 @dataclass
@@ -56,9 +57,10 @@ class GraphBuilder:
     def model(self, graph_name: str, opset: int, ms_opset: int = 1) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
                                   initializer=list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                        helper.make_opsetid(MS_DOMAIN, ms_opset)],
-                                  producer_name="edgellm")
+        imports = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, ms_opset)]
+        if any(n.domain == EDGELLM_DOMAIN for n in self.nodes):
+            imports.append(helper.make_opsetid(EDGELLM_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=imports, producer_name="edgellm")
         model.ir_version = 10
         return model
 

@@ -21,8 +21,9 @@ from edgellm import __version__
 from edgellm.compress.plan import RTN_FORMATS, CompressionPlan
 from edgellm.errors import ConfigError
 from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn
+from edgellm.export.onnx_builder import MS_DOMAIN
 from edgellm.export.onnx_data import initializer_table, save_model_with_data, token_row_tables
-from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph
+from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph, uses_block_kernel
 from edgellm.model.artifact import ARTIFACT_FORMAT, MANIFEST, TOKENIZER_SPEC, sha256_file, tokenizer_to_dict
 from edgellm.model.description import ModelDescription
 from edgellm.model.rope import inverse_frequencies
@@ -85,6 +86,9 @@ def lower(description: ModelDescription, plan: CompressionPlan, options: Lowerin
         embed = embed_tensor.to_float()
         layers["token_embd"] = f"fp32 from {embed_tensor.qtype}"
     model = build_llama_graph(cfg, norms, linears, embed, lm_head, inverse_frequencies(description), options)
+    for name, weight in [*linears.items(), ("lm_head", lm_head), ("token_embd", embed)]:
+        if uses_block_kernel(weight, options):
+            layers[name] += " · edgellm BlockGather" if name == "token_embd" else " · edgellm BlockMatMul"
     return model, layers
 
 
@@ -118,7 +122,9 @@ def export_onnx(description: ModelDescription, out_dir: str | Path, plan: Compre
         # where each weight lies in the data file: the runtime lends them to ONNX Runtime without parsing the graph
         table = initializer_table(model, DATA_FILE)
         graph = {"model": MODEL_FILE, "external_data": DATA_FILE, "initializers": table,
-                 "token_rows": [name for name in token_row_tables(model) if name in table]}
+                 "token_rows": [name for name in token_row_tables(model) if name in table],
+                 # op domains beyond ONNX Runtime's own: the runtime registers their kernels first
+                 "custom_domains": sorted({n.domain for n in model.graph.node} - {"", "ai.onnx", MS_DOMAIN})}
         del model
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         _write_tokenizer(description, tmp)

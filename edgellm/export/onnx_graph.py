@@ -34,12 +34,13 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise missing_extra("onnx", "ort") from exc
 
 from edgellm.errors import ConfigError
-from edgellm.export.block_formats import BlockQuantized
-from edgellm.export.onnx_builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from edgellm.export.block_formats import BlockQuantized, interleave_x8
+from edgellm.export.onnx_builder import EDGELLM_DOMAIN, FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from edgellm.model.config import ModelConfig
 
 OPSET = 23  # RMSNormalization
 OFFSET_SUMS = ("reducesum", "matmul", "drop")
+BLOCK_KERNELS = ("edgellm", "matmulnbits")
 SEQ_SHAPE = "seq_shape"  # int64 [batch, sequence, -1]: the 3-D view of the 2-D token rows
 Weight = BlockQuantized | np.ndarray  # fp32 arrays are (N, K) like the model description
 
@@ -51,10 +52,16 @@ class LoweringOptions:
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
     offset_sums: str = "reducesum"  # block sums of x: "reducesum" or "matmul" (x @ E); "drop" = timing ablation
+    # GGUF blocks kept as the file has them: "edgellm" = edgellm's BlockMatMul/BlockGather custom ops
+    # (exact Q4_1 at full speed, needs edgellm's kernel library); "matmulnbits" = stock ONNX Runtime ops
+    # only (MatMulNBits + offset correction; portable to any ONNX Runtime build, the browser's included)
+    block_kernel: str = "edgellm"
 
     def __post_init__(self) -> None:
         if self.offset_sums not in OFFSET_SUMS:
             raise ConfigError(f"offset_sums {self.offset_sums!r} unknown; valid: {', '.join(OFFSET_SUMS)}")
+        if self.block_kernel not in BLOCK_KERNELS:
+            raise ConfigError(f"block_kernel {self.block_kernel!r} unknown; valid: {', '.join(BLOCK_KERNELS)}")
         for key in ("accuracy_level", "lm_head_accuracy_level"):
             if getattr(self, key) not in (0, 1, 2, 3, 4):
                 raise ConfigError(f"{key} must be 0-4, found {getattr(self, key)}")
@@ -73,20 +80,34 @@ def _concat_weights(parts: list[Weight]) -> Weight | None:
     if not same:
         return None
     offsets = None if first.block_offsets is None else np.concatenate([p.block_offsets for p in parts], axis=1)
+    same_file_type = all(p.gguf is not None and p.gguf_type == first.gguf_type for p in parts)
     return BlockQuantized(
         n=sum(p.n for p in parts), k=first.k, bits=first.bits, block_size=first.block_size,
         packed=np.concatenate([p.packed for p in parts]), scales=np.concatenate([p.scales for p in parts]),
         zero_point=first.zero_point, block_offsets=offsets, source=first.source,
+        gguf=np.concatenate([p.gguf for p in parts]) if same_file_type else None,
+        gguf_type=first.gguf_type if same_file_type else "",
     )
 
 
+def uses_block_kernel(w: Weight, options: LoweringOptions) -> bool:
+    return options.block_kernel == "edgellm" and isinstance(w, BlockQuantized) and w.gguf is not None
+
+
+# block_kernel "edgellm", weights still the file's GGUF blocks:  x ──► BlockMatMul(x8 blocks) ──► y
+# otherwise:
 # x (M, K) ──► MatMulNBits(packed, scales) ───────────────────────► Gemm(S, C) + y ──► y (M, N)
 #  └──► Reshape(M, K/32, 32) ──► ReduceSum ──► S (M, K/32) ─────────┘   (only Q4_1-style offsets;
 #        block sums of x                                  C: (K/32, N)     x is 2-D rows there)
-def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int, offset_sums: str = "reducesum") -> str:
+def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int,
+           options: LoweringOptions = LoweringOptions()) -> str:
     """y = x @ W^T for W in any supported storage; exact to fp32 rounding for transcoded blocks."""
     if isinstance(w, np.ndarray):
         return b.op1("MatMul", [x, b.const(f"{name}.weight_t", w.T.astype(np.float32))], name=name)
+    if uses_block_kernel(w, options):
+        return b.op1("BlockMatMul", [x, b.const(f"{name}.{w.gguf_type.lower()}_x8", interleave_x8(w.gguf, w.gguf_type))],
+                     name=name, domain=EDGELLM_DOMAIN, K=w.k, N=w.n, format=w.gguf_type)
+    offset_sums = options.offset_sums
     y = b.op1("MatMulNBits", [x, b.const(f"{name}.qweight", w.packed), b.const(f"{name}.scales", w.scales)],
               name=name, domain=MS_DOMAIN, K=w.k, N=w.n, bits=w.bits, block_size=w.block_size,
               accuracy_level=accuracy_level)
@@ -111,10 +132,16 @@ def _block_indicator(k: int, block: int) -> np.ndarray:
 
 # ids ─► Gather(q8 rows) ─► Cast ─► Sub(zero point) ─► Mul ◄─ Unsqueeze ◄─ Gather(scales)
 #                                                       └─► [+ offsets] ─► Reshape(tokens, hidden)
-def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int) -> str:
+def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int, options: LoweringOptions = LoweringOptions()) -> str:
     """Token rows (batch x sequence, hidden), gathered straight from the quantized blocks: only the
     looked-up rows are widened."""
     rows_2d = b.const("shape_rows_hidden", np.array([-1, hidden], np.int64))
+    if uses_block_kernel(w, options):  # ids ─► BlockGather(x8 blocks; a tied lm_head's bytes) ─► Reshape(rows)
+        # the same bytes as a tied lm_head's BlockMatMul weights: the data file stores them once
+        table = b.const(f"token_embd.{w.gguf_type.lower()}_x8", interleave_x8(w.gguf, w.gguf_type))
+        rows = b.op1("BlockGather", [ids, table], name="embed", domain=EDGELLM_DOMAIN, K=w.k, N=w.n,
+                     format=w.gguf_type)
+        return b.op1("Reshape", [rows, rows_2d], name="embed/rows_2d")
     if isinstance(w, np.ndarray):
         table = b.op1("Gather", [b.const("token_embd.weight", w.astype(np.float32)), ids], name="embed")
         return b.op1("Reshape", [table, rows_2d], name="embed/rows_2d")
@@ -223,7 +250,7 @@ def build_llama_graph(cfg: ModelConfig, norms: Mapping[str, np.ndarray], linears
     cos_t, sin_t = rope_tables(cfg, inv_freq, cfg.context_length)
     cos, sin = b.const("rope.cos", cos_t), b.const("rope.sin", sin_t)
 
-    x = embedding(b, ids, embed, cfg.hidden_size)
+    x = embedding(b, ids, embed, cfg.hidden_size, options)
     sequence_shape(b, ids)
     residual: str | None = None
     for i in range(cfg.n_layers):
@@ -248,7 +275,7 @@ def _kept_logits(b: GraphBuilder, h: str, keep: str, lm_head: Weight, cfg: Model
                            b.const("axis_seq", np.array([1], np.int64))], name="logits/keep")
     rows = b.op1("Reshape", [kept, b.const("shape_rows_hidden", np.array([-1, cfg.hidden_size], np.int64))],
                  name="logits/rows")
-    flat = linear(b, rows, lm_head, "lm_head", options.lm_head_accuracy_level, options.offset_sums)
+    flat = linear(b, rows, lm_head, "lm_head", options.lm_head_accuracy_level, options)
     dims = b.op1("Shape", [kept], name="logits/shape", end=2)
     shape = b.op1("Concat", [dims, b.const("vocab_dim", np.array([cfg.vocab_size], np.int64))], name="logits/out_shape",
                   axis=0)
@@ -267,24 +294,24 @@ def _block(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, residual: str | No
     p = f"blk.{i}"
     h, residual = skip_norm(b, x, residual, norms[f"{p}.attn_norm"], cfg.norm_eps, f"{p}.attn_norm")
     qkv = _fused(b, h, [linears[f"{p}.attn_q"], linears[f"{p}.attn_k"], linears[f"{p}.attn_v"]],
-                 f"{p}.attn_qkv", options.accuracy_level, options.fuse_qkv, options.offset_sums)
+                 f"{p}.attn_qkv", options.fuse_qkv, options)
     attn = attention(b, cfg, i, qkv, seqlens, total, cos, sin)
-    o = linear(b, attn, linears[f"{p}.attn_output"], f"{p}.attn_output", options.accuracy_level, options.offset_sums)
+    o = linear(b, attn, linears[f"{p}.attn_output"], f"{p}.attn_output", options.accuracy_level, options)
     h, residual = skip_norm(b, o, residual, norms[f"{p}.ffn_norm"], cfg.norm_eps, f"{p}.ffn_norm")
     gate, up = linears[f"{p}.ffn_gate"], linears[f"{p}.ffn_up"]
     fused = _concat_weights([gate, up]) if options.fuse_gate_up else None
     if fused is not None:
-        act = swiglu(b, linear(b, h, fused, f"{p}.ffn_gate_up", options.accuracy_level, options.offset_sums), cfg.ffn_size_at(i), f"{p}.ffn")
+        act = swiglu(b, linear(b, h, fused, f"{p}.ffn_gate_up", options.accuracy_level, options), cfg.ffn_size_at(i), f"{p}.ffn")
     else:
-        g = linear(b, h, gate, f"{p}.ffn_gate", options.accuracy_level, options.offset_sums)
-        u = linear(b, h, up, f"{p}.ffn_up", options.accuracy_level, options.offset_sums)
+        g = linear(b, h, gate, f"{p}.ffn_gate", options.accuracy_level, options)
+        u = linear(b, h, up, f"{p}.ffn_up", options.accuracy_level, options)
         act = _silu_times(b, g, u, f"{p}.ffn")
-    return linear(b, act, linears[f"{p}.ffn_down"], f"{p}.ffn_down", options.accuracy_level, options.offset_sums), residual
+    return linear(b, act, linears[f"{p}.ffn_down"], f"{p}.ffn_down", options.accuracy_level, options), residual
 
 
-def _fused(b: GraphBuilder, x: str, parts: list[Weight], name: str, level: int, fuse: bool, sums: str) -> str:
+def _fused(b: GraphBuilder, x: str, parts: list[Weight], name: str, fuse: bool, options: LoweringOptions) -> str:
     fused = _concat_weights(parts) if fuse else None
     if fused is not None:
-        return linear(b, x, fused, name, level, sums)
-    outs = [linear(b, x, w, f"{name}/{j}", level, sums) for j, w in enumerate(parts)]
+        return linear(b, x, fused, name, options.accuracy_level, options)
+    outs = [linear(b, x, w, f"{name}/{j}", options.accuracy_level, options) for j, w in enumerate(parts)]
     return b.op1("Concat", outs, name=f"{name}/concat", axis=-1)

@@ -21,6 +21,7 @@ from edgellm.errors import ConfigError, ModelFormatError, missing_extra
 from edgellm.model.artifact import read_manifest, verify_files
 from edgellm.model.config import ModelConfig
 from edgellm.model.description import ModelDescription
+from edgellm.runtime import ort_kernels
 from edgellm.runtime.backend import Backend, LayerRange, Session
 from edgellm.runtime.ort_weights import SUPPORTED, MappedWeights
 
@@ -192,6 +193,7 @@ class OrtBackend(Backend):
         # A memory pattern is one extra buffer per input shape seen (every prefill length): 4 MB on the
         # bench's peak RSS; decode speed the same without it (process-isolated A/B: 112.0 vs 111.6 tok/s).
         opts.enable_mem_pattern = False
+        self._register_kernels(opts)
         if profile_dir:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
@@ -213,6 +215,18 @@ class OrtBackend(Backend):
         # it would gather zeros for tokens whose embedding rows ensure_rows has not read in yet.)
         session._edgellm_weights = self.weights
         return session
+
+    def _register_kernels(self, opts: Any) -> None:
+        """edgellm's own ops (BlockMatMul, BlockGather) for exports that use them, built on first use."""
+        domains = self.manifest["graph"].get("custom_domains", [])
+        unknown = set(domains) - {ort_kernels.DOMAIN}
+        if unknown:
+            raise ModelFormatError(f"{self.directory}: the graph uses op domains {sorted(unknown)} that this "
+                                   f"edgellm has no kernels for")
+        if domains:
+            library = ort_kernels.build()
+            opts.register_custom_ops_library(str(library.path))
+            ort_kernels.set_threads(self.threads)
 
     @classmethod
     def from_model(cls, description: ModelDescription, threads: int | None = None, **options: Any) -> OrtBackend:

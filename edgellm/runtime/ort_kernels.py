@@ -1,0 +1,139 @@
+"""edgellm's own ONNX Runtime kernels: built from the C++ sources in `kernels/` at first use.
+
+Why build here rather than ship a binary: the kernels are compiled with -march=native for the board
+they run on (AVX-512 VNNI, AVX2 or plain C), the way llama-cpp-python builds llama.cpp. The library
+is cached per source, compiler and CPU, written atomically, so concurrent first uses are safe.
+
+The op (domain `com.edgellm`): BlockMatMul(A float (M, K), B uint8 (N, K/32 * block bytes)) -> (M, N),
+attributes K, N and `format` ("Q4_0", "Q4_1", "Q8_0"): the GGUF blocks as the file stores them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import ConfigError
+
+DOMAIN = "com.edgellm"
+SOURCES = ("block_matmul.cpp", "ort_block_matmul.cpp")
+HEADERS = ("block_matmul.h", "ort_abi.h")
+FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_KERNEL_DIR = Path(__file__).with_name("kernels")
+
+
+class KernelBuildError(ConfigError):
+    """The custom-op library could not be compiled on this machine."""
+
+
+@dataclass(frozen=True)
+class KernelLibrary:
+    path: Path
+    isa: str  # "avx512-vnni", "avx2" or "scalar"
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGELLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgellm")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise KernelBuildError("edgellm's ONNX Runtime kernels need a C++ compiler (g++ or clang++; set CXX), "
+                           "or export with --kernel matmulnbits for a graph of stock ONNX Runtime ops")
+
+
+@lru_cache(maxsize=1)
+def build() -> KernelLibrary:
+    """The compiled library for this machine, compiling it on first use (about a second)."""
+    cxx = _compiler()
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update((_KERNEL_DIR / name).read_bytes())
+    digest.update(cxx.encode())
+    digest.update(_cpu_key().encode())
+    out = cache_dir() / digest.hexdigest()[:16] / "libedgellm_ort_ops.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.partial")
+        os.close(fd)
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
+               "-o", tmp, *(str(_KERNEL_DIR / s) for s in SOURCES)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise KernelBuildError(f"compiling edgellm's ONNX Runtime kernels failed ({' '.join(cmd)}):\n"
+                                       f"{proc.stderr[-2000:]}")
+            os.replace(tmp, out)  # atomic: a concurrent first use sees the old state or the whole library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    lib.edgellm_kernel_isa.restype = ctypes.c_char_p
+    return KernelLibrary(out, lib.edgellm_kernel_isa().decode())
+
+
+def set_threads(threads: int) -> None:
+    """Split each product into this many tasks (the session's intra-op threads); one setting per process."""
+    _lib().edgellm_set_threads(ctypes.c_int(int(threads)))
+
+
+def _check(blocks: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
+    if fmt not in FORMATS:
+        raise ConfigError(f"block format {fmt!r} unknown; valid: {', '.join(FORMATS)}")
+    if k <= 0 or k % 32 or blocks.shape != (-(-n // 8), k // 32 * 8 * BLOCK_BYTES[fmt]):
+        raise ConfigError(f"{fmt} x8 blocks of shape {blocks.shape} do not hold {n} rows of K={k}")
+    return np.ascontiguousarray(blocks, dtype=np.uint8)
+
+
+def _lib() -> ctypes.CDLL:
+    return ctypes.CDLL(str(build().path))
+
+
+def block_matmul(x: np.ndarray, blocks: np.ndarray, fmt: str, n: int) -> np.ndarray:
+    """x (M, K) @ W^T for W's n rows in the x8 layout (block_formats.interleave_x8): BlockMatMul's
+    arithmetic on one thread, without ONNX Runtime (tests and tools)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m, k = x.shape
+    blocks = _check(blocks, fmt, n, k)
+    y = np.empty((m, n), dtype=np.float32)
+    ptr = ctypes.c_void_p
+    _lib().edgellm_block_matmul(x.ctypes.data_as(ptr), ctypes.c_int64(m), ctypes.c_int64(k),
+                                blocks.ctypes.data_as(ptr), ctypes.c_int(FORMATS[fmt]), ctypes.c_int64(n),
+                                y.ctypes.data_as(ptr))
+    return y
+
+
+def dequantize(blocks: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
+    """All n rows of x8-layout weights as float32 (N, K): what BlockGather returns per row."""
+    blocks = _check(blocks, fmt, n, k)
+    out = np.empty((n, k), dtype=np.float32)
+    ptr = ctypes.c_void_p
+    _lib().edgellm_dequantize_rows(blocks.ctypes.data_as(ptr), ctypes.c_int(FORMATS[fmt]), ctypes.c_int64(k),
+                                   ctypes.c_int64(n), out.ctypes.data_as(ptr))
+    return out
