@@ -18,8 +18,9 @@ from edgellm.runtime.registry import create_backend
 @pytest.fixture(scope="module")
 def pair(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
-    exact = export_onnx(model, root / "lossless")
-    dropped = export_onnx(load_model(None), root / "no-offsets", options=LoweringOptions(offset_sums="drop"))
+    exact = export_onnx(model, root / "lossless", options=LoweringOptions(block_kernel="matmulnbits"))
+    dropped = export_onnx(load_model(None), root / "no-offsets",
+                          options=LoweringOptions(offset_sums="drop", block_kernel="matmulnbits"))
     return exact, dropped
 
 
@@ -53,6 +54,16 @@ def test_decode_profile_sees_one_gemm_per_corrected_linear(pair, model):
     assert profile["Gemm"]["nodes_per_step"] == 4 * n_layers
     assert profile["MatMulNBits"]["nodes_per_step"] == 4 * n_layers + 1  # + the Q8_0 lm_head
     assert "Add" not in profile  # the correction's sum is the Gemm's C input
+
+
+def test_default_export_profile_is_one_block_matmul_per_linear(artifact, model):
+    """The default export: the correction's Gemm/ReduceSum/Reshape are gone, one BlockMatMul per linear."""
+    from edgellm.bench.offset_ablation import decode_profile
+
+    profile = decode_profile(artifact, steps=8)
+    n_layers = model.config.n_layers
+    assert profile["BlockMatMul"]["nodes_per_step"] == 4 * n_layers + 1  # + the Q8_0 lm_head
+    assert {"Gemm", "ReduceSum", "MatMulNBits"}.isdisjoint(profile)
 
 
 def test_lowering_options_must_agree_with_the_plan(model, tmp_path):

@@ -99,9 +99,11 @@ def test_manifest_layer_formats(artifact, model):
     layers = _manifest(artifact)["layers"]
     blk = {name: fmt for name, fmt in layers.items() if name.startswith("blk.")}
     assert len(blk) == 7 * model.config.n_layers
-    wrong = {name: fmt for name, fmt in blk.items() if fmt != "Q4_1 transcode"}
+    wrong = {name: fmt for name, fmt in blk.items() if fmt != "Q4_1 transcode · edgellm BlockMatMul"}
     assert not wrong, f"{len(wrong)} linears not kept as Q4_1 blocks, e.g. {list(wrong.items())[:3]}"
-    assert layers["token_embd"] == "Q8_0 transcode (gather)"
+    assert layers["lm_head"] == "Q8_0 transcode · edgellm BlockMatMul"
+    assert layers["token_embd"] == "Q8_0 transcode (gather) · edgellm BlockGather"
+    assert _manifest(artifact)["graph"]["custom_domains"] == ["com.edgellm"]
 
 
 def test_graph_passes_the_checker_and_has_the_fused_operators(artifact, model):
@@ -124,11 +126,13 @@ def test_graph_passes_the_checker_and_has_the_fused_operators(artifact, model):
     ops: dict[str, list[str]] = {}
     for node in graph.node:
         ops.setdefault(node.op_type, []).append(node.name)
-    for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits"):
+    for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "BlockMatMul", "BlockGather"):
         assert op in ops, f"no {op} node; operators: {sorted(ops)}"
     assert len(ops["GroupQueryAttention"]) == n_layers
-    qkv = [name for name in ops["MatMulNBits"] if name.endswith("attn_qkv")]
-    assert len(qkv) == n_layers, f"fused QKV MatMulNBits: {len(qkv)}, expected {n_layers}"
+    qkv = [name for name in ops["BlockMatMul"] if name.endswith("attn_qkv")]
+    assert len(qkv) == n_layers, f"fused QKV BlockMatMul: {len(qkv)}, expected {n_layers}"
+    # the Q4_1 correction's nodes exist only in the stock-op lowering (--kernel matmulnbits)
+    assert not {"MatMulNBits", "Gemm", "ReduceSum"} & set(ops)
 
 
 def test_the_valid_export_loads_and_runs(backend, tokenizer, model):

@@ -19,8 +19,9 @@ from edgellm.compress.plan import PRESETS, CompressionPlan
 from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn
 from edgellm.export.onnx_builder import FLOAT, GraphBuilder
 from edgellm.export.onnx_export import effective_description, export_onnx
-from edgellm.export.onnx_graph import OPSET, linear
+from edgellm.export.onnx_graph import OPSET, LoweringOptions, linear
 from edgellm.model.loader import load_model
+from edgellm.runtime import ort_kernels
 from edgellm.runtime.generation import GenerationConfig, generate
 from edgellm.runtime.registry import create_backend
 from edgellm.runtime.sampling import SamplingConfig
@@ -67,35 +68,45 @@ def test_q4_0_transcode_is_exact(tmp_path):
     assert np.array_equal(LOSSLESS_TRANSCODERS["Q4_0"](t).dequantize(), expected)
 
 
-def run_single_linear(w: BlockQuantized, x: np.ndarray, accuracy_level: int = 0) -> np.ndarray:
+def ort_options():
+    opts = ort.SessionOptions()
+    ort_kernels.register(opts, 2)  # edgellm's BlockMatMul/BlockGather, as the backend registers them
+    return opts
+
+
+def run_single_linear(w: BlockQuantized, x: np.ndarray, accuracy_level: int = 0,
+                      kernel: str = "edgellm") -> np.ndarray:
     b = GraphBuilder()
     b.add_input("x", FLOAT, ["m", w.k])  # the graph's 2-D token rows
-    y = linear(b, "x", w, "probe", accuracy_level)
+    y = linear(b, "x", w, "probe", accuracy_level, LoweringOptions(block_kernel=kernel))
     b.op1("Identity", [y], outputs=["y"])
     b.add_output("y", FLOAT, ["m", w.n])
     model = b.model("probe", OPSET)
     onnx.checker.check_model(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), ort_options(), providers=["CPUExecutionProvider"])
     return sess.run(["y"], {"x": x.astype(np.float32)})[0]
 
 
+@pytest.mark.parametrize("level, kernel", [(0, "matmulnbits"), (4, "matmulnbits"), (4, "edgellm")])
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.7.ffn_down.weight"])
-def test_graph_weights_equal_q4_1_dequantization(model, name):
-    """Feed the identity through the exported linear: the output rows are the weights it computes with."""
+def test_graph_weights_equal_q4_1_dequantization(model, name, level, kernel):
+    """Feed the identity through the exported linear: the output rows are the weights it computes with.
+    (Int8 activations quantize a one-hot block exactly, so this holds for every lowering.)"""
     t = model.weights[name]
     w = LOSSLESS_TRANSCODERS["Q4_1"](t)
-    effective = run_single_linear(w, np.eye(w.k, dtype=np.float32)).T  # (N, K)
+    effective = run_single_linear(w, np.eye(w.k, dtype=np.float32), level, kernel).T  # (N, K)
     expected = gguf.quants.dequantize(np.asarray(t.raw), gguf.GGMLQuantizationType.Q4_1).reshape(t.shape)
     err = np.abs(effective - expected).max() / np.abs(expected).max()
     assert err < 1e-6, f"max relative error {err:.2e}"
 
 
-def test_int8_activation_path_stays_within_a_quantization_step(model):
+@pytest.mark.parametrize("kernel", ["edgellm", "matmulnbits"])
+def test_int8_activation_path_stays_within_a_quantization_step(model, kernel):
     t = model.weights["blk.3.ffn_gate.weight"]
     w = LOSSLESS_TRANSCODERS["Q4_1"](t)
     x = np.random.default_rng(0).standard_normal((4, w.k)).astype(np.float32)
     exact = x @ t.to_float().T
-    fast = run_single_linear(w, x, accuracy_level=4)
+    fast = run_single_linear(w, x, accuracy_level=4, kernel=kernel)
     rel = np.abs(fast - exact).max() / np.abs(exact).max()
     assert rel < 2e-2, rel  # int8 activations: ~1/127 relative per block, accumulated
 
@@ -202,7 +213,7 @@ def test_batch_of_two_equals_two_single_runs(exports, alice_ids):
     import onnxruntime as ort
 
     path, _ = exports["exact"]
-    sess = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path / "model.onnx"), ort_options(), providers=["CPUExecutionProvider"])
     cfg = load_model(path).config
     seqs = np.asarray([alice_ids[:12], alice_ids[40:52]], dtype=np.int64)
 

@@ -1,5 +1,8 @@
 """Weights lent to ONNX Runtime from edgellm's own memory (edgellm.runtime.ort_weights): same numbers, less RSS.
 
+Most tests here use the stock-op export (--kernel matmulnbits), where ONNX Runtime packs the weights and the
+lent pages must leave the resident set; the default export's BlockMatMul reads the lent bytes at run time.
+
 Oracle for the numbers: the same export loaded by ONNX Runtime itself (lend_weights=False); logits must
 be bit-identical, since the kernels and the bytes are the same. Residency is read from the kernel
 (/proc/self/maps + /proc/self/pagemap present bits, /proc/<pid>/status VmHWM), not from edgellm.
@@ -28,6 +31,31 @@ from edgellm.runtime.ort_weights import SUPPORTED, MappedWeights
 pytestmark = pytest.mark.skipif(not SUPPORTED or not Path("/proc/self/pagemap").exists(),
                                 reason="needs mmap.madvise and Linux /proc (lending is off elsewhere)")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture(scope="module")
+def artifact(model, tmp_path_factory):
+    """The lossless export in stock ONNX Runtime ops (MatMulNBits + offsets): the weights ORT packs."""
+    from edgellm.export.onnx_export import export_onnx
+    from edgellm.export.onnx_graph import LoweringOptions
+
+    return export_onnx(model, tmp_path_factory.mktemp("stock") / "smollm2", options=LoweringOptions(block_kernel="matmulnbits"))
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(artifact, tmp_path / "smollm2"))
+
+
+def test_block_kernel_export_computes_the_same_from_lent_weights(model, tmp_path_factory, alice_ids):
+    """The default export (BlockMatMul reads the lent GGUF bytes in place at run time): bit-identical."""
+    from edgellm.export.onnx_export import export_onnx
+
+    default = export_onnx(model, tmp_path_factory.mktemp("default") / "smollm2")
+    lent, own = _backend(default), _backend(default, lend_weights=False)
+    np.testing.assert_array_equal(_logits(lent, alice_ids[:24]), _logits(own, alice_ids[:24]))
 
 
 def _backend(directory: Path, **options) -> OrtBackend:

@@ -143,8 +143,12 @@ def _variant(weight, c: int):
         return np.roll(weight.ravel(), c).reshape(weight.shape)
     offsets = None if weight.block_offsets is None else np.roll(weight.block_offsets.ravel(), c).reshape(
         weight.block_offsets.shape)
+    # GGUF blocks roll by whole blocks, so every copy is valid blocks of the same format
+    gguf = None if weight.gguf is None else np.roll(weight.gguf.ravel(), c * (weight.gguf.shape[1] // (weight.k // 32))
+                                                    ).reshape(weight.gguf.shape)
     return replace(weight, packed=np.roll(weight.packed.ravel(), c).reshape(weight.packed.shape),
-                   scales=np.roll(weight.scales.ravel(), c).reshape(weight.scales.shape), block_offsets=offsets)
+                   scales=np.roll(weight.scales.ravel(), c).reshape(weight.scales.shape), block_offsets=offsets,
+                   gguf=gguf)
 
 
 # x (M, K) ─► linear(W_c, format) ─► y_c (M, N), c = 0..C-1   (the exporter's lowering on its 2-D token rows,

@@ -2,11 +2,12 @@
 
     python -m edgellm.bench.offset_ablation [--rounds 5] [--json bench_results/offset_ablation.json]
 
-Engines: the lossless export (what `edgellm export onnx` writes: Q4_1 as the int4 kernel plus the exact
-per-block offset correction), the same graph without that correction (offset_sums="drop": NOT the
-model's weights, its perplexity shows it; a timing ablation only), and llama.cpp on the GGUF. Then an
-ONNX Runtime profile of decode steps of the lossless export, by op type. Together they say how much of
-the gap to a faster decode is the correction and how much is the rest of the graph.
+Engines: the default export (edgellm's BlockMatMul on the GGUF blocks), the stock-op lossless export
+(`--kernel matmulnbits`: Q4_1 as MatMulNBits' int4 kernel plus the exact per-block offset correction),
+that graph without the correction (offset_sums="drop": NOT the model's weights, its perplexity shows
+it; a timing ablation only), and llama.cpp on the GGUF. Then ONNX Runtime profiles of decode steps of
+both exact exports, by op type: how much of the stock graph's time is the correction, and what the
+custom op leaves.
 """
 
 from __future__ import annotations
@@ -70,22 +71,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = speed.BenchConfig(threads=a.threads, rounds=a.rounds, reps=a.reps, ppl_tokens=a.ppl_tokens)
     with tempfile.TemporaryDirectory(prefix="edgellm-ablation-") as tmp:
-        exact = export_onnx(model, Path(tmp) / "lossless", progress=True)
+        default = export_onnx(model, Path(tmp) / "block-kernel", progress=True)
+        exact = export_onnx(load_model(a.model), Path(tmp) / "lossless", progress=True,
+                            options=LoweringOptions(block_kernel="matmulnbits"))
         dropped = export_onnx(load_model(a.model), Path(tmp) / "no-offsets", progress=True,
-                              options=LoweringOptions(offset_sums="drop"))
+                              options=LoweringOptions(offset_sums="drop", block_kernel="matmulnbits"))
 
-        engines = [speed.Engine.onnx_dir("edgellm-ort", "onnxruntime", exact),
+        engines = [speed.Engine.onnx_dir("edgellm-ort", "onnxruntime", default),
+                   speed.Engine.onnx_dir("ort:matmulnbits", "onnxruntime", exact),
                    speed.Engine.onnx_dir("ort:no-offsets", "onnxruntime", dropped),
                    speed.Engine("llama.cpp", "llama.cpp", str(model.source), (Path(model.source),))]
         tok = Tokenizer(model.tokenizer)
         result = speed.run_bench(engines, tok, config, ppl_fn=speed.alice_perplexity(tok, config) if config.ppl_tokens else None,
                            log=lambda s: print(s, file=sys.stderr))
-        speed.add_ratios(result, "edgellm-ort", ["ort:no-offsets"])
+        speed.add_ratios(result, "edgellm-ort", ["ort:matmulnbits", "ort:no-offsets"])
+        speed.add_ratios(result, "ort:matmulnbits", ["ort:no-offsets"])
         result["decode_profile"] = decode_profile(exact, a.threads)
+        result["decode_profile_block_kernel"] = decode_profile(default, a.threads)
     print(speed.format_table(result))
-    print("\nlossless export, decode steps, ONNX Runtime profiler (share of kernel time):")
-    for op, row in result["decode_profile"].items():
-        print(f"  {op:34s} {100 * row['share']:5.1f} %  {row['nodes_per_step']:6.1f} nodes/step")
+    for key, what in (("decode_profile", "stock-op lossless export (MatMulNBits + offset correction)"),
+                      ("decode_profile_block_kernel", "default export (edgellm BlockMatMul)")):
+        print(f"\n{what}, decode steps, ONNX Runtime profiler (share of kernel time):")
+        for op, row in result[key].items():
+            print(f"  {op:34s} {100 * row['share']:5.1f} %  {row['nodes_per_step']:6.1f} nodes/step")
     if a.json:
         print(f"wrote {speed.write_result(result, a.json)}", file=sys.stderr)
     return 0

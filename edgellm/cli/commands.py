@@ -240,10 +240,13 @@ def eval_ppl(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     from edgellm.export.onnx_export import export_onnx
+    from edgellm.export.onnx_graph import LoweringOptions
 
     model = _load(args)
     plan = _plan(args, model)
-    out = export_onnx(model, args.output, plan, overwrite=args.force, progress=True)
+    options = LoweringOptions(accuracy_level=plan.accuracy_level, lm_head_accuracy_level=plan.lm_head_accuracy_level,
+                              block_kernel=args.kernel)
+    out = export_onnx(model, args.output, plan, overwrite=args.force, progress=True, options=options)
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
     print(f"wrote {out} ({size:.1f} MB, plan {plan.name}, opset {manifest['opset']})")

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--plan", default=None, metavar="PLAN",
                    help="a plan JSON file or preset: lossless-transcode (default: GGUF blocks kept, int8 "
                         "activations), lossless-exact (fp32 activations), fp32, int8, int4")
+    x.add_argument("--kernel", choices=("edgellm", "matmulnbits"), default="edgellm",
+                   help="GGUF Q4_0/Q4_1/Q8_0 blocks with int8 activations: edgellm = edgellm's BlockMatMul "
+                        "custom op (exact Q4_1, fastest; compiled with g++ at first load), matmulnbits = stock "
+                        "ONNX Runtime ops only (MatMulNBits + offset correction; any ONNX Runtime build)")
     x.add_argument("--force", action="store_true", help="replace DIR if it exists")
 
     p = sub.add_parser("compress", help="run a compression recipe; writes a compressed model + plan")

@@ -86,9 +86,12 @@ def lower(description: ModelDescription, plan: CompressionPlan, options: Lowerin
         embed = embed_tensor.to_float()
         layers["token_embd"] = f"fp32 from {embed_tensor.qtype}"
     model = build_llama_graph(cfg, norms, linears, embed, lm_head, inverse_frequencies(description), options)
-    for name, weight in [*linears.items(), ("lm_head", lm_head), ("token_embd", embed)]:
-        if uses_block_kernel(weight, options):
-            layers[name] += " · edgellm BlockGather" if name == "token_embd" else " · edgellm BlockMatMul"
+    for name, weight in [*linears.items(), ("lm_head", lm_head)]:
+        level = options.lm_head_accuracy_level if name == "lm_head" else options.accuracy_level
+        if uses_block_kernel(weight, options, level):
+            layers[name] += " · edgellm BlockMatMul"
+    if uses_block_kernel(embed, options):
+        layers["token_embd"] += " · edgellm BlockGather"
     return model, layers
 
 

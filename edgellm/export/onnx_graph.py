@@ -90,8 +90,11 @@ def _concat_weights(parts: list[Weight]) -> Weight | None:
     )
 
 
-def uses_block_kernel(w: Weight, options: LoweringOptions) -> bool:
-    return options.block_kernel == "edgellm" and isinstance(w, BlockQuantized) and w.gguf is not None
+def uses_block_kernel(w: Weight, options: LoweringOptions, accuracy_level: int = 4) -> bool:
+    """BlockMatMul quantizes activations to int8 per block (accuracy level 4); a plan asking for fp32
+    activations (level 0, exact) keeps MatMulNBits. BlockGather (the embedding) is exact either way."""
+    return (options.block_kernel == "edgellm" and isinstance(w, BlockQuantized) and w.gguf is not None
+            and accuracy_level == 4)
 
 
 # block_kernel "edgellm", weights still the file's GGUF blocks:  x ──► BlockMatMul(x8 blocks) ──► y
@@ -104,7 +107,7 @@ def linear(b: GraphBuilder, x: str, w: Weight, name: str, accuracy_level: int,
     """y = x @ W^T for W in any supported storage; exact to fp32 rounding for transcoded blocks."""
     if isinstance(w, np.ndarray):
         return b.op1("MatMul", [x, b.const(f"{name}.weight_t", w.T.astype(np.float32))], name=name)
-    if uses_block_kernel(w, options):
+    if uses_block_kernel(w, options, accuracy_level):
         return b.op1("BlockMatMul", [x, b.const(f"{name}.{w.gguf_type.lower()}_x8", interleave_x8(w.gguf, w.gguf_type))],
                      name=name, domain=EDGELLM_DOMAIN, K=w.k, N=w.n, format=w.gguf_type)
     offset_sums = options.offset_sums

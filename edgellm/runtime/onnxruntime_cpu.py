@@ -224,9 +224,7 @@ class OrtBackend(Backend):
             raise ModelFormatError(f"{self.directory}: the graph uses op domains {sorted(unknown)} that this "
                                    f"edgellm has no kernels for")
         if domains:
-            library = ort_kernels.build()
-            opts.register_custom_ops_library(str(library.path))
-            ort_kernels.set_threads(self.threads)
+            ort_kernels.register(opts, self.threads)
 
     @classmethod
     def from_model(cls, description: ModelDescription, threads: int | None = None, **options: Any) -> OrtBackend:

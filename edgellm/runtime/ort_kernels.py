@@ -68,34 +68,47 @@ def _compiler() -> str:
                            "or export with --kernel matmulnbits for a graph of stock ONNX Runtime ops")
 
 
-@lru_cache(maxsize=1)
-def build() -> KernelLibrary:
-    """The compiled library for this machine, compiling it on first use (about a second)."""
+@lru_cache(maxsize=4)
+def build(march: str = "native") -> KernelLibrary:
+    """The compiled library for this machine, compiled on first use (about a second) and cached on disk."""
     cxx = _compiler()
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((_KERNEL_DIR / name).read_bytes())
-    digest.update(cxx.encode())
-    digest.update(_cpu_key().encode())
+    digest.update(f"{cxx}|{march}|{_cpu_key()}".encode())
     out = cache_dir() / digest.hexdigest()[:16] / "libedgellm_ort_ops.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.partial")
-        os.close(fd)
-        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
-               "-o", tmp, *(str(_KERNEL_DIR / s) for s in SOURCES)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise KernelBuildError(f"compiling edgellm's ONNX Runtime kernels failed ({' '.join(cmd)}):\n"
-                                       f"{proc.stderr[-2000:]}")
-            os.replace(tmp, out)  # atomic: a concurrent first use sees the old state or the whole library
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        compile_library(out, cxx, march)
     lib = ctypes.CDLL(str(out))
     lib.edgellm_kernel_isa.restype = ctypes.c_char_p
     return KernelLibrary(out, lib.edgellm_kernel_isa().decode())
+
+
+def compile_library(out: Path, cxx: str, march: str = "native") -> None:
+    """Compile the sources into `out`, atomically (a concurrent first use sees all of it or none)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.partial")
+    os.close(fd)
+    cmd = [cxx, "-O3", f"-march={march}", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
+           "-o", tmp, *(str(_KERNEL_DIR / s) for s in SOURCES)]
+    try:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as exc:
+            raise KernelBuildError(f"cannot run the C++ compiler {cxx!r}: {exc}") from None
+        if proc.returncode != 0:
+            raise KernelBuildError(f"compiling edgellm's ONNX Runtime kernels failed ({' '.join(cmd)}):\n"
+                                   f"{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def register(opts, threads: int | None = None) -> None:
+    """Make a SessionOptions able to run graphs with com.edgellm ops (building the library if needed)."""
+    opts.register_custom_ops_library(str(build().path))
+    set_threads(threads or opts.intra_op_num_threads or os.cpu_count() or 1)
 
 
 def set_threads(threads: int) -> None:
@@ -111,11 +124,12 @@ def _check(blocks: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(blocks, dtype=np.uint8)
 
 
-def _lib() -> ctypes.CDLL:
-    return ctypes.CDLL(str(build().path))
+def _lib(library: KernelLibrary | None = None) -> ctypes.CDLL:
+    return ctypes.CDLL(str((library or build()).path))
 
 
-def block_matmul(x: np.ndarray, blocks: np.ndarray, fmt: str, n: int) -> np.ndarray:
+def block_matmul(x: np.ndarray, blocks: np.ndarray, fmt: str, n: int,
+                 library: KernelLibrary | None = None) -> np.ndarray:
     """x (M, K) @ W^T for W's n rows in the x8 layout (block_formats.interleave_x8): BlockMatMul's
     arithmetic on one thread, without ONNX Runtime (tests and tools)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -123,17 +137,17 @@ def block_matmul(x: np.ndarray, blocks: np.ndarray, fmt: str, n: int) -> np.ndar
     blocks = _check(blocks, fmt, n, k)
     y = np.empty((m, n), dtype=np.float32)
     ptr = ctypes.c_void_p
-    _lib().edgellm_block_matmul(x.ctypes.data_as(ptr), ctypes.c_int64(m), ctypes.c_int64(k),
+    _lib(library).edgellm_block_matmul(x.ctypes.data_as(ptr), ctypes.c_int64(m), ctypes.c_int64(k),
                                 blocks.ctypes.data_as(ptr), ctypes.c_int(FORMATS[fmt]), ctypes.c_int64(n),
                                 y.ctypes.data_as(ptr))
     return y
 
 
-def dequantize(blocks: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
+def dequantize(blocks: np.ndarray, fmt: str, n: int, k: int, library: KernelLibrary | None = None) -> np.ndarray:
     """All n rows of x8-layout weights as float32 (N, K): what BlockGather returns per row."""
     blocks = _check(blocks, fmt, n, k)
     out = np.empty((n, k), dtype=np.float32)
     ptr = ctypes.c_void_p
-    _lib().edgellm_dequantize_rows(blocks.ctypes.data_as(ptr), ctypes.c_int(FORMATS[fmt]), ctypes.c_int64(k),
+    _lib(library).edgellm_dequantize_rows(blocks.ctypes.data_as(ptr), ctypes.c_int(FORMATS[fmt]), ctypes.c_int64(k),
                                    ctypes.c_int64(n), out.ctypes.data_as(ptr))
     return out
