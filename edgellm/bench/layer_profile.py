@@ -299,16 +299,19 @@ def measure_overhead(table: CostTable, threads: int, n_prompt: int = 64, n_decod
                      model: str | Path | None = None) -> CostTable:
     """Set overhead_us = a model's measured decode us/token - the table's sum for its linears.
 
-    The model (default: the default model) is exported with the default plan (lossless transcode) to a
-    temporary directory and decoded on the ONNX Runtime backend: `n_prompt` tokens prefilled, then the
-    median of `n_decode` single-token forwards.
+    The model (default: the default model) is exported with the default plan (lossless transcode) in
+    stock ONNX Runtime ops, the lowering the table's linears were timed in, to a temporary directory and
+    decoded on the ONNX Runtime backend: `n_prompt` tokens prefilled, then the median of `n_decode`
+    single-token forwards.
     """
     from edgellm.export.onnx_export import export_onnx
+    from edgellm.export.onnx_graph import LoweringOptions
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
     with tempfile.TemporaryDirectory(prefix="edgellm-profile-") as tmp:
-        export = load_model(export_onnx(load_model(model), Path(tmp) / "export"))  # plan: lossless transcode
+        stock = LoweringOptions(block_kernel="matmulnbits")  # plan: lossless transcode
+        export = load_model(export_onnx(load_model(model), Path(tmp) / "export", options=stock))
         formats, shapes = export_linears(export.config, export.metadata["artifact"]["layers"])
         session = create_backend("onnxruntime", export, threads=threads).open_session(max_tokens=n_prompt + n_decode)
         ids = np.random.default_rng(0).integers(0, export.config.vocab_size, n_prompt)
