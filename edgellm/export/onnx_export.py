@@ -90,7 +90,7 @@ def lower(description: ModelDescription, plan: CompressionPlan, options: Lowerin
         level = options.lm_head_accuracy_level if name == "lm_head" else options.accuracy_level
         if uses_block_kernel(weight, options, level):
             layers[name] += " · edgellm BlockMatMul"
-    if uses_block_kernel(embed, options):
+    if uses_block_kernel(embed, options, options.lm_head_accuracy_level):
         layers["token_embd"] += " · edgellm BlockGather"
     return model, layers
 

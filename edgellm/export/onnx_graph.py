@@ -79,8 +79,10 @@ def _concat_weights(parts: list[Weight]) -> Weight | None:
                for p in parts)
     if not same:
         return None
-    offsets = None if first.block_offsets is None else np.concatenate([p.block_offsets for p in parts], axis=1)
     same_file_type = all(p.gguf is not None and p.gguf_type == first.gguf_type for p in parts)
+    if not same_file_type and any(p.gguf is not None for p in parts):
+        return None  # some parts keep their file blocks (BlockMatMul), others not: lowered one by one
+    offsets = None if first.block_offsets is None else np.concatenate([p.block_offsets for p in parts], axis=1)
     return BlockQuantized(
         n=sum(p.n for p in parts), k=first.k, bits=first.bits, block_size=first.block_size,
         packed=np.concatenate([p.packed for p in parts]), scales=np.concatenate([p.scales for p in parts]),
@@ -135,11 +137,13 @@ def _block_indicator(k: int, block: int) -> np.ndarray:
 
 # ids ─► Gather(q8 rows) ─► Cast ─► Sub(zero point) ─► Mul ◄─ Unsqueeze ◄─ Gather(scales)
 #                                                       └─► [+ offsets] ─► Reshape(tokens, hidden)
-def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int, options: LoweringOptions = LoweringOptions()) -> str:
+def embedding(b: GraphBuilder, ids: str, w: Weight, hidden: int, options: LoweringOptions = LoweringOptions(),
+              level: int = 4) -> str:
     """Token rows (batch x sequence, hidden), gathered straight from the quantized blocks: only the
-    looked-up rows are widened."""
+    looked-up rows are widened. BlockGather when the (tied) lm_head's level uses the block kernel, so an
+    fp32-activation plan stays in stock ops."""
     rows_2d = b.const("shape_rows_hidden", np.array([-1, hidden], np.int64))
-    if uses_block_kernel(w, options):  # ids ─► BlockGather(x8 blocks; a tied lm_head's bytes) ─► Reshape(rows)
+    if uses_block_kernel(w, options, level):  # ids ─► BlockGather(x8 blocks; a tied lm_head's bytes) ─► Reshape(rows)
         # the same bytes as a tied lm_head's BlockMatMul weights: the data file stores them once
         table = b.const(f"token_embd.{w.gguf_type.lower()}_x8", interleave_x8(w.gguf, w.gguf_type))
         rows = b.op1("BlockGather", [ids, table], name="embed", domain=EDGELLM_DOMAIN, K=w.k, N=w.n,
@@ -253,7 +257,7 @@ def build_llama_graph(cfg: ModelConfig, norms: Mapping[str, np.ndarray], linears
     cos_t, sin_t = rope_tables(cfg, inv_freq, cfg.context_length)
     cos, sin = b.const("rope.cos", cos_t), b.const("rope.sin", sin_t)
 
-    x = embedding(b, ids, embed, cfg.hidden_size, options)
+    x = embedding(b, ids, embed, cfg.hidden_size, options, options.lm_head_accuracy_level)
     sequence_shape(b, ids)
     residual: str | None = None
     for i in range(cfg.n_layers):

@@ -4,14 +4,17 @@ Why build here rather than ship a binary: the kernels are compiled with -march=n
 they run on (AVX-512 VNNI, AVX2 or plain C), the way llama-cpp-python builds llama.cpp. The library
 is cached per source, compiler and CPU, written atomically, so concurrent first uses are safe.
 
-The op (domain `com.edgellm`): BlockMatMul(A float (M, K), B uint8 (N, K/32 * block bytes)) -> (M, N),
-attributes K, N and `format` ("Q4_0", "Q4_1", "Q8_0"): the GGUF blocks as the file stores them.
+The ops (domain `com.edgellm`), attributes K, N (rows of W) and `format` ("Q4_0", "Q4_1", "Q8_0"):
+  BlockMatMul(A float (..., K), B uint8 (ceil(N/8), K/32 * 8 * block bytes)) -> (..., N)   A @ W^T
+  BlockGather(ids int64 (...), B as above) -> (..., K)                                     rows of W
+B holds the GGUF blocks in the "x8" layout (edgellm.export.block_formats.interleave_x8).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -24,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DOMAIN = "com.edgellm"
 SOURCES = ("block_matmul.cpp", "ort_block_matmul.cpp")
@@ -75,22 +80,38 @@ def build(march: str = "native") -> KernelLibrary:
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((_KERNEL_DIR / name).read_bytes())
-    digest.update(f"{cxx}|{march}|{_cpu_key()}".encode())
+    digest.update(f"{cxx}|{' '.join(_flags(march))}|{_cpu_key()}".encode())
     out = cache_dir() / digest.hexdigest()[:16] / "libedgellm_ort_ops.so"
     if not out.exists():
         compile_library(out, cxx, march)
-    lib = ctypes.CDLL(str(out))
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as exc:
+        raise KernelBuildError(f"cannot load edgellm's kernel library {out}: {exc} (delete it to rebuild, "
+                               f"or set EDGELLM_CACHE to a directory of your own)") from None
     lib.edgellm_kernel_isa.restype = ctypes.c_char_p
-    return KernelLibrary(out, lib.edgellm_kernel_isa().decode())
+    built = KernelLibrary(out, lib.edgellm_kernel_isa().decode())
+    if built.isa == "scalar" and march == "native":
+        log.warning("edgellm's BlockMatMul has no SIMD path for this CPU (plain C, slow); export with "
+                    "--kernel matmulnbits to use ONNX Runtime's own kernels here")
+    return built
+
+
+def _flags(march: str) -> list[str]:
+    # -ffp-contract=off: dequantization stays d*q + m in two roundings, like gguf's own
+    return ["-O3", f"-march={march}", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-ffp-contract=off"]
 
 
 def compile_library(out: Path, cxx: str, march: str = "native") -> None:
     """Compile the sources into `out`, atomically (a concurrent first use sees all of it or none)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.partial")
+    except OSError as exc:
+        raise KernelBuildError(f"cannot write edgellm's kernel library under {out.parent}: {exc} "
+                               f"(set EDGELLM_CACHE to a writable directory)") from None
     os.close(fd)
-    cmd = [cxx, "-O3", f"-march={march}", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
-           "-o", tmp, *(str(_KERNEL_DIR / s) for s in SOURCES)]
+    cmd = [cxx, *_flags(march), "-o", tmp, *(str(_KERNEL_DIR / s) for s in SOURCES)]
     try:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -99,6 +120,9 @@ def compile_library(out: Path, cxx: str, march: str = "native") -> None:
         if proc.returncode != 0:
             raise KernelBuildError(f"compiling edgellm's ONNX Runtime kernels failed ({' '.join(cmd)}):\n"
                                    f"{proc.stderr[-2000:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0600 would survive the linker: others could not load it
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

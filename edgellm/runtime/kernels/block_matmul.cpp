@@ -1,7 +1,8 @@
 // y = x @ W^T straight from GGUF blocks (Q4_0, Q4_1, Q8_0; 32 weights per block), with activations
-// quantized to int8 per block of 32 the way llama.cpp's CPU backend does (d = amax / 127,
-// q = round(x / d), s = d * sum(q)), so the weights stay exactly the file's and no ONNX node has to
-// add Q4_1's per-block minimum afterwards (ONNX Runtime's MatMulNBits cannot do that on its fast path).
+// quantized to int8 per block of 32 in the manner of llama.cpp's CPU backend (d = amax / 127,
+// q = round-half-even(x / d), s = d * sum(q); llama.cpp keeps d and s in fp16, here they stay fp32), so
+// the weights stay exactly the file's and no ONNX node has to add Q4_1's per-block minimum afterwards
+// (ONNX Runtime's MatMulNBits cannot do that on its fast path).
 //
 // Weight layout "x8" (written by edgellm.export.block_formats.interleave_x8): output rows in groups of
 // 8 (the last group zero-padded), and per group and block of 32 inputs the 8 rows' fields side by side:
@@ -10,6 +11,8 @@
 //   Q8_0: d[8] f16 | qs[8][32] int8       w = d * q
 // so one load converts 8 scales, and two rows' nibbles sit in one 256-bit register.
 // Per block:  sum_i w_i x_i  ~=  d * dx * dot(q, qx)  (+ m * sx; Q4_0: m = -8 d)
+// Activation codes stay in [-127, 127] (never -128): what keeps maddubs below saturation and lets
+// sign(x, w) negate them on the AVX2 path.
 //
 // The ISA paths (AVX-512 VNNI on 256-bit registers, AVX2, plain C) compute the same integer dot
 // products; only the float accumulation order differs. Built at first use with -march=native.
@@ -212,8 +215,12 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* d, fl
             const float* xb = x + row * k + b * 32;
             int8_t* qb = q + row * k + b * 32;
             float amax = 0.f;
-            for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
-            const float scale = amax / 127.f;
+            for (int i = 0; i < 32; ++i) {
+                const float a = std::fabs(xb[i]);
+                if (!(a <= amax)) amax = a;  // a NaN wins: the block's scale becomes NaN and so does y
+            }
+            // a block below ~1e-30 (where 1/scale would overflow) counts as zero
+            const float scale = amax > 1e-30f || amax != amax ? amax / 127.f : 0.f;
             const float inv = scale > 0.f ? 1.f / scale : 0.f;
             int32_t sum = 0;
             for (int i = 0; i < 32; ++i) {

@@ -5,6 +5,7 @@
 // The weights stay in the file's layout, lent by the runtime without a copy; the product runs on
 // ONNX Runtime's intra-op thread pool (KernelContext_ParallelFor), column chunks per task.
 #include <cstring>
+#include <exception>
 #include <string>
 #include <thread>
 #include <vector>
@@ -15,14 +16,15 @@
 namespace {
 
 const OrtApi* g_api = nullptr;
-// Tasks per product = the session's intra-op threads (edgellm_set_threads): ONNX Runtime then hands each
-// thread one contiguous range. Letting it schedule every index alone measured up to 2x slower.
+// Tasks per product = the session's intra-op threads: ONNX Runtime then hands each thread one contiguous
+// range (letting it schedule every index alone measured up to 2x slower). edgellm_set_threads sets it
+// before a session is created; each kernel copies it when the session creates the kernel.
 int g_threads = 0;
 
-size_t batches() {
-    if (g_threads > 0) return (size_t)g_threads;
+int64_t default_threads() {
+    if (g_threads > 0) return g_threads;
     const unsigned hw = std::thread::hardware_concurrency();
-    return hw ? hw : 1;
+    return hw ? (int64_t)hw : 1;
 }
 
 using CreateStatusFn = OrtStatus*(int, const char*);
@@ -80,18 +82,20 @@ int format_code(const std::string& name) {
 
 struct Kernel {
     std::string op;
-    int64_t k = 0, n = 0;
+    int64_t k = 0, n = 0, threads = 1;
     int fmt = -1;
 };
 
 OrtStatus* read_attributes(const OrtKernelInfo* info, Kernel* kern) {
     ORT_TRY(OrtFn<AttrIntFn>(g_api, SLOT_KernelInfoGetAttribute_int64)(info, "K", &kern->k));
     ORT_TRY(OrtFn<AttrIntFn>(g_api, SLOT_KernelInfoGetAttribute_int64)(info, "N", &kern->n));
-    char buf[16] = {0};
-    size_t size = sizeof(buf);
-    ORT_TRY(OrtFn<AttrStrFn>(g_api, SLOT_KernelInfoGetAttribute_string)(info, "format", buf, &size));
-    kern->fmt = format_code(buf);
-    if (kern->fmt < 0) return error(kern->op + ": format '" + buf + "' unknown; valid: Q4_0, Q4_1, Q8_0");
+    size_t size = 0;  // first call: the size, terminating zero included
+    ORT_TRY(OrtFn<AttrStrFn>(g_api, SLOT_KernelInfoGetAttribute_string)(info, "format", nullptr, &size));
+    std::string fmt(size, '\0');
+    ORT_TRY(OrtFn<AttrStrFn>(g_api, SLOT_KernelInfoGetAttribute_string)(info, "format", &fmt[0], &size));
+    fmt.resize(fmt.find('\0') == std::string::npos ? fmt.size() : fmt.find('\0'));
+    kern->fmt = format_code(fmt);
+    if (kern->fmt < 0) return error(kern->op + ": format '" + fmt + "' unknown; valid: Q4_0, Q4_1, Q8_0");
     if (kern->k <= 0 || kern->k % 32) return error(kern->op + ": K=" + std::to_string(kern->k) + " is not a positive multiple of 32");
     if (kern->n <= 0) return error(kern->op + ": N must be positive");
     return nullptr;
@@ -158,26 +162,38 @@ OrtStatus* matmul_compute(void* state, OrtKernelContext* ctx) {
     ORT_TRY(output(ctx, dy, &y));
     if (m == 0) return nullptr;
 
+    // Quantized activations: per calling thread, reused across calls (the workers get raw pointers and
+    // finish before the call returns); a buffer grown past 8 MB by a long forward is given back after it.
     thread_local std::vector<int8_t> q;
     thread_local std::vector<float> d, s;
     const int64_t nb = kern.k / 32;
     q.resize(m * kern.k);
     d.resize(m * nb);
     s.resize(m * nb);
+    struct Shrink {
+        ~Shrink() {
+            if (q.capacity() > (8u << 20)) {
+                std::vector<int8_t>().swap(q);
+                std::vector<float>().swap(d);
+                std::vector<float>().swap(s);
+            }
+        }
+    } shrink;
     auto parallel = OrtFn<ParallelForFn>(g_api, SLOT_KernelContext_ParallelFor);
+    const size_t batches = (size_t)kern.threads;
     QuantizeTask qt{static_cast<const float*>(pa), kern.k, 8, m, q.data(), d.data(), s.data()};
     if (m <= qt.rows_per_task) quantize_chunk(&qt, 0);
-    else ORT_TRY(parallel(ctx, quantize_chunk, (m + qt.rows_per_task - 1) / qt.rows_per_task, batches(), &qt));
+    else ORT_TRY(parallel(ctx, quantize_chunk, (m + qt.rows_per_task - 1) / qt.rows_per_task, batches, &qt));
 
     QuantizedRows a{m, kern.k, nb, q.data(), d.data(), s.data()};
-    // ~64 tasks per product (at least 2 groups of 8 rows each): enough for the pool to balance 2-8 threads
+    // up to 64 tasks of at least 2 groups of 8 rows; ONNX Runtime runs them as `batches` contiguous ranges
     const int64_t groups = (kern.n + 7) / 8;
     int64_t chunk = (groups + 63) / 64;
     chunk = chunk < 2 ? 2 : chunk;
     MatMulTask task{&a, static_cast<const uint8_t*>(pb), kern.fmt, kern.n, groups, chunk, y};
     const int64_t tasks = (groups + chunk - 1) / chunk;
     if (tasks == 1) matmul_chunk(&task, 0);
-    else ORT_TRY(parallel(ctx, matmul_chunk, tasks, batches(), &task));
+    else ORT_TRY(parallel(ctx, matmul_chunk, tasks, batches, &task));
     return nullptr;
 }
 
@@ -218,20 +234,30 @@ struct OpSpec {
 
 OpSpec* spec(const OrtCustomOpV17* op) { return reinterpret_cast<OpSpec*>(const_cast<OrtCustomOpV17*>(op)); }
 
+// No C++ exception may cross into ONNX Runtime: each becomes an error status.
 OrtStatus* create(const OrtCustomOpV17* op, const OrtApi*, const OrtKernelInfo* info, void** out) {
-    auto* kern = new Kernel;
-    kern->op = spec(op)->name;
-    if (OrtStatus* st = read_attributes(info, kern)) {
-        delete kern;
-        return st;
+    try {
+        auto* kern = new Kernel;
+        kern->op = spec(op)->name;
+        kern->threads = default_threads();
+        if (OrtStatus* st = read_attributes(info, kern)) {
+            delete kern;
+            return st;
+        }
+        *out = kern;
+        return nullptr;
+    } catch (const std::exception& e) {
+        return error(std::string(spec(op)->name) + ": " + e.what());
     }
-    *out = kern;
-    return nullptr;
 }
 
 OrtStatus* compute(void* state, OrtKernelContext* ctx) {
     const Kernel& kern = *static_cast<Kernel*>(state);
-    return kern.op == "BlockMatMul" ? matmul_compute(state, ctx) : gather_compute(state, ctx);
+    try {
+        return kern.op == "BlockMatMul" ? matmul_compute(state, ctx) : gather_compute(state, ctx);
+    } catch (const std::exception& e) {
+        return error(kern.op + ": " + e.what());
+    }
 }
 
 OpSpec make_op(const char* name, int in0) {
@@ -273,7 +299,11 @@ EDGELLM_EXPORT void edgellm_set_threads(int threads) { g_threads = threads > 0 ?
 
 EDGELLM_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
     const OrtApi* api = base->GetApi(ORT_API_LEVEL);
-    if (!api) return nullptr;  // cannot even build a status: ONNX Runtime older than 1.17 reports the missing op
+    if (!api) {  // older than 1.17: its version-1 table still makes statuses (slot 0 is in every version)
+        const OrtApi* v1 = base->GetApi(1);
+        return v1 ? OrtFn<CreateStatusFn>(v1, SLOT_CreateStatus)(ORT_FAIL_, "edgellm's kernels need ONNX Runtime 1.17 or newer")
+                  : nullptr;
+    }
     g_api = api;
     using CreateDomainFn = OrtStatus*(const char*, OrtCustomOpDomain**);
     using DomainAddFn = OrtStatus*(OrtCustomOpDomain*, const OrtCustomOpV17*);
