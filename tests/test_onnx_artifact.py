@@ -257,6 +257,24 @@ def test_manifest_field_of_the_wrong_type(copy, field, value):
         _ort(copy)
 
 
+def test_an_op_domain_without_kernels_is_named(copy):
+    manifest = _manifest(copy)
+    manifest["graph"]["custom_domains"] = ["com.edgellm", "com.example.fpga"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match=r"op domains \['com.example.fpga'\] that this edgellm has no kernels for"):
+        _ort(copy)
+
+
+def test_a_machine_without_a_compiler_gets_a_clear_error(copy, monkeypatch):
+    from edgellm.runtime import ort_kernels
+
+    monkeypatch.setattr(ort_kernels, "build", lambda march="native": ort_kernels._compiler())
+    monkeypatch.setattr(ort_kernels.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CXX", "")
+    with pytest.raises(ConfigError, match="need a C\\+\\+ compiler .* --kernel matmulnbits"):
+        _ort(copy)
+
+
 def test_prompt_longer_than_the_session_context(backend, tokenizer):
     session = backend.open_session(max_tokens=8)
     with pytest.raises(ContextOverflowError, match=r"0 cached \+ 9 new tokens exceed this session's context of 8"):

@@ -219,6 +219,8 @@ class OrtBackend(Backend):
     def _register_kernels(self, opts: Any) -> None:
         """edgellm's own ops (BlockMatMul, BlockGather) for exports that use them, built on first use."""
         domains = self.manifest["graph"].get("custom_domains", [])
+        if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+            raise ModelFormatError(f"{self.directory}: manifest graph.custom_domains must be a list of names")
         unknown = set(domains) - {ort_kernels.DOMAIN}
         if unknown:
             raise ModelFormatError(f"{self.directory}: the graph uses op domains {sorted(unknown)} that this "
