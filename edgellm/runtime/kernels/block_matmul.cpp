@@ -14,8 +14,9 @@
 // Activation codes stay in [-127, 127] (never -128): what keeps maddubs below saturation and lets
 // sign(x, w) negate them on the AVX2 path.
 //
-// The ISA paths (AVX-512 VNNI on 256-bit registers, AVX2, plain C) compute the same integer dot
-// products; only the float accumulation order differs. Built at first use with -march=native.
+// The ISA paths (AVX-512 VNNI on 256-bit registers, AVX2, Arm NEON with or without dotprod, plain C)
+// compute the same integer dot products; only the float accumulation order differs. Built at first use
+// with -march=native.
 #include "block_matmul.h"
 
 #include <cmath>
@@ -24,6 +25,9 @@
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define EDGELLM_X86 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define EDGELLM_NEON 1
 #endif
 
 namespace {
@@ -132,6 +136,55 @@ void group_q8(const QuantizedRows& a, const uint8_t* g, int64_t r0, float* out, 
 }
 #endif
 
+#ifdef EDGELLM_NEON
+// Arm (Raspberry Pi, Jetson): one activation row at a time; each row of the group's integer dot product
+// with vdotq_s32 where the CPU has it (ARMv8.2 dotprod), else widening multiplies, then the same float
+// accumulation as the other paths, 8 rows as two float32x4.
+inline int32_t dot32(int8x16_t w0, int8x16_t x0, int8x16_t w1, int8x16_t x1) {
+#ifdef __ARM_FEATURE_DOTPROD
+    return vaddvq_s32(vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, x0), w1, x1));
+#else
+    // |w x| <= 128 * 127: two products per int16 lane stay below 32767 (activation codes are never -128)
+    int32x4_t acc = vpaddlq_s16(vmlal_s8(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)), vget_high_s8(w0), vget_high_s8(x0)));
+    acc = vpadalq_s16(acc, vmlal_s8(vmull_s8(vget_low_s8(w1), vget_low_s8(x1)), vget_high_s8(w1), vget_high_s8(x1)));
+    return vaddvq_s32(acc);
+#endif
+}
+
+inline float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t*)p))); }
+
+void group_neon(const QuantizedRows& a, const uint8_t* g, int fmt, int64_t row, float* out) {
+    const int gbytes = 8 * block_bytes(fmt);
+    float32x4_t acc[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}, macc[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
+    const uint8x16_t low4 = vdupq_n_u8(0x0F);
+    for (int64_t b = 0; b < a.blocks; ++b) {
+        const uint8_t* blk = g + b * gbytes;
+        const int8_t* xb = a.q + row * a.k + b * 32;
+        const int8x16_t xl = vld1q_s8(xb), xh = vld1q_s8(xb + 16);
+        const uint8_t* codes = blk + scale_bytes(fmt);
+        int32_t dots[8];
+        for (int c = 0; c < 8; ++c) {
+            if (fmt == FMT_Q8_0) {
+                const int8_t* w = (const int8_t*)codes + 32 * c;
+                dots[c] = dot32(vld1q_s8(w), xl, vld1q_s8(w + 16), xh);
+            } else {
+                const uint8x16_t v = vld1q_u8(codes + 16 * c);
+                dots[c] = dot32(vreinterpretq_s8_u8(vandq_u8(v, low4)), xl, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), xh);
+            }
+        }
+        const float dx = a.d[row * a.blocks + b], sx = a.s[row * a.blocks + b];
+        for (int h = 0; h < 2; ++h) {
+            const float32x4_t d4 = f16x4(blk + 8 * h);
+            const float32x4_t dot = vcvtq_f32_s32(vld1q_s32(dots + 4 * h));
+            acc[h] = vfmaq_f32(acc[h], dot, vmulq_n_f32(d4, dx));
+            if (fmt == FMT_Q4_1) macc[h] = vfmaq_n_f32(macc[h], f16x4(blk + 16 + 8 * h), sx);
+            else if (fmt == FMT_Q4_0) macc[h] = vfmaq_n_f32(macc[h], vmulq_n_f32(d4, -8.f), sx);
+        }
+    }
+    for (int h = 0; h < 2; ++h) vst1q_f32(out + 4 * h, vaddq_f32(acc[h], macc[h]));
+}
+#endif
+
 // Plain C: the same arithmetic, one row of the group at a time.
 [[maybe_unused]] void group_scalar(const QuantizedRows& a, const uint8_t* g, int fmt, int64_t r0, int rows, float* out,
                   int64_t ldo) {
@@ -171,6 +224,8 @@ void group(const QuantizedRows& a, const uint8_t* g, int fmt, int64_t r0, int ro
         if (fmt == FMT_Q8_0) group_q8<1>(a, g, r0 + r, out + r * ldo, ldo);
         else group_q4<1>(a, g, fmt, r0 + r, out + r * ldo, ldo);
     }
+#elif defined(EDGELLM_NEON)
+    for (int r = 0; r < rows; ++r) group_neon(a, g, fmt, r0 + r, out + r * ldo);
 #else
     group_scalar(a, g, fmt, r0, rows, out, ldo);
 #endif
@@ -288,6 +343,10 @@ const char* edgellm_kernel_isa() {
     return "avx512-vnni";
 #elif defined(EDGELLM_X86)
     return "avx2";
+#elif defined(EDGELLM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+    return "neon-dotprod";
+#elif defined(EDGELLM_NEON)
+    return "neon";
 #else
     return "scalar";
 #endif

@@ -143,20 +143,29 @@ void quantize_chunk(void* data, size_t i) {
     quantize_rows(t->x + r0 * t->k, r1 - r0, t->k, t->q + r0 * t->k, t->d + r0 * nb, t->s + r0 * nb);
 }
 
+// Both ops: input 0 (activations or ids) and input 1, the weight table, checked against K and N.
+struct Operands {
+    std::vector<int64_t> da, db;
+    void* pa = nullptr;
+    void* pb = nullptr;
+};
+
+OrtStatus* operands(OrtKernelContext* ctx, const Kernel& kern, Operands& ops) {
+    const OrtValue* v;
+    ORT_TRY(input(ctx, 0, &v, ops.da, &ops.pa));
+    ORT_TRY(input(ctx, 1, &v, ops.db, &ops.pb));
+    return check_table(kern, ops.db, kern.n);
+}
+
 OrtStatus* matmul_compute(void* state, OrtKernelContext* ctx) {
     const Kernel& kern = *static_cast<Kernel*>(state);
-    const OrtValue* va;
-    const OrtValue* vb;
-    std::vector<int64_t> da, db;
-    void *pa, *pb;
-    ORT_TRY(input(ctx, 0, &va, da, &pa));
-    ORT_TRY(input(ctx, 1, &vb, db, &pb));
-    if (da.empty() || da.back() != kern.k)
+    Operands ops;
+    ORT_TRY(operands(ctx, kern, ops));
+    if (ops.da.empty() || ops.da.back() != kern.k)
         return error("BlockMatMul: input's last dimension must be K=" + std::to_string(kern.k));
-    ORT_TRY(check_table(kern, db, kern.n));
     int64_t m = 1;
-    for (size_t i = 0; i + 1 < da.size(); ++i) m *= da[i];
-    std::vector<int64_t> dy(da);
+    for (size_t i = 0; i + 1 < ops.da.size(); ++i) m *= ops.da[i];
+    std::vector<int64_t> dy(ops.da);
     dy.back() = kern.n;
     float* y;
     ORT_TRY(output(ctx, dy, &y));
@@ -181,7 +190,7 @@ OrtStatus* matmul_compute(void* state, OrtKernelContext* ctx) {
     } shrink;
     auto parallel = OrtFn<ParallelForFn>(g_api, SLOT_KernelContext_ParallelFor);
     const size_t batches = (size_t)kern.threads;
-    QuantizeTask qt{static_cast<const float*>(pa), kern.k, 8, m, q.data(), d.data(), s.data()};
+    QuantizeTask qt{static_cast<const float*>(ops.pa), kern.k, 8, m, q.data(), d.data(), s.data()};
     if (m <= qt.rows_per_task) quantize_chunk(&qt, 0);
     else ORT_TRY(parallel(ctx, quantize_chunk, (m + qt.rows_per_task - 1) / qt.rows_per_task, batches, &qt));
 
@@ -190,7 +199,7 @@ OrtStatus* matmul_compute(void* state, OrtKernelContext* ctx) {
     const int64_t groups = (kern.n + 7) / 8;
     int64_t chunk = (groups + 63) / 64;
     chunk = chunk < 2 ? 2 : chunk;
-    MatMulTask task{&a, static_cast<const uint8_t*>(pb), kern.fmt, kern.n, groups, chunk, y};
+    MatMulTask task{&a, static_cast<const uint8_t*>(ops.pb), kern.fmt, kern.n, groups, chunk, y};
     const int64_t tasks = (groups + chunk - 1) / chunk;
     if (tasks == 1) matmul_chunk(&task, 0);
     else ORT_TRY(parallel(ctx, matmul_chunk, tasks, batches, &task));
@@ -201,25 +210,20 @@ OrtStatus* matmul_compute(void* state, OrtKernelContext* ctx) {
 
 OrtStatus* gather_compute(void* state, OrtKernelContext* ctx) {
     const Kernel& kern = *static_cast<Kernel*>(state);
-    const OrtValue* vi;
-    const OrtValue* vb;
-    std::vector<int64_t> di, db;
-    void *pi, *pb;
-    ORT_TRY(input(ctx, 0, &vi, di, &pi));
-    ORT_TRY(input(ctx, 1, &vb, db, &pb));
-    ORT_TRY(check_table(kern, db, kern.n));
+    Operands ops;
+    ORT_TRY(operands(ctx, kern, ops));
     const int64_t vocab = kern.n;
     int64_t count = 1;
-    for (int64_t v : di) count *= v;
-    std::vector<int64_t> dy(di);
+    for (int64_t v : ops.da) count *= v;
+    std::vector<int64_t> dy(ops.da);
     dy.push_back(kern.k);
     float* y;
     ORT_TRY(output(ctx, dy, &y));
-    const auto* ids = static_cast<const int64_t*>(pi);
+    const auto* ids = static_cast<const int64_t*>(ops.pa);
     for (int64_t t = 0; t < count; ++t) {
         if (ids[t] < 0 || ids[t] >= vocab)
             return error("BlockGather: token id " + std::to_string(ids[t]) + " outside [0, " + std::to_string(vocab) + ")");
-        dequantize_row(static_cast<const uint8_t*>(pb), kern.fmt, kern.k, ids[t], y + t * kern.k);
+        dequantize_row(static_cast<const uint8_t*>(ops.pb), kern.fmt, kern.k, ids[t], y + t * kern.k);
     }
     return nullptr;
 }
