@@ -2,8 +2,9 @@
 //   BlockMatMul(A float (..., K), B uint8 (ceil(N/8), K/32 * 8 * block bytes)) -> Y float (..., N)  Y = A @ W^T
 //   BlockGather(ids int64 (...), B uint8 (ceil(N/8), K/32 * 8 * block bytes)) -> Y float (..., K)  rows of W
 // attributes: K, N (rows of W), format ("Q4_0" | "Q4_1" | "Q8_0"); B in the x8 layout of block_matmul.cpp.
-// The weights stay in the file's layout, lent by the runtime without a copy; the product runs on
-// ONNX Runtime's intra-op thread pool (KernelContext_ParallelFor), column chunks per task.
+// The weights are the file's blocks (only reordered into x8 at export), lent by the runtime without a
+// copy; the product runs on ONNX Runtime's intra-op thread pool (KernelContext_ParallelFor), groups of
+// 8 output rows per task. A session may run on several caller threads: kernels are read-only state.
 #include <cstring>
 #include <exception>
 #include <string>
