@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -197,3 +198,17 @@ def test_build_is_cached_readable_by_all_and_a_missing_compiler_is_a_clear_error
     with pytest.raises(ort_kernels.KernelBuildError, match="compiling edgellm's ONNX Runtime kernels failed"):
         ort_kernels.compile_library(tmp_path / "lib.so", "false")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # nothing half-written left behind
+
+
+def test_cli_kernels_reports_the_library_it_built(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGELLM_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "edgellm.cli.main", "kernels", "--json"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["isa"] == ort_kernels.build().isa
+    assert Path(data["library"]).is_file() and Path(data["library"]).is_relative_to(tmp_path)

@@ -385,6 +385,19 @@ def _attach_target(state, args) -> None:
                               f"{fixed / 1e3:.2f} ms/token on {args.target} (attention, norms, lm_head)")
 
 
+def kernels(args: argparse.Namespace) -> int:
+    from edgellm.runtime import ort_kernels
+
+    library = ort_kernels.build()
+    data = {"isa": library.isa, "library": str(library.path), "cache": str(ort_kernels.cache_dir()),
+            "domain": ort_kernels.DOMAIN, "ops": ["BlockMatMul", "BlockGather"], "formats": sorted(ort_kernels.FORMATS)}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"edgellm kernels: {library.isa} path, {library.path}")
+    return 0
+
+
 def profile(args: argparse.Namespace) -> int:
     from edgellm.bench.layer_profile import profile_main
 

@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_command.register(sub)  # edgellm serve-cloud [MODEL] --host H --port P --token T ...
 
+    p = sub.add_parser("kernels", help="build (if needed) and describe edgellm's ONNX Runtime kernels for this CPU",
+                       description="Compiles edgellm's BlockMatMul/BlockGather library for this machine now (it is "
+                                   "otherwise built at the first load of an export that uses it) and prints its ISA "
+                                   "path and cache location; e.g. to prepare an offline board or a container image.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("bench", help="speed, memory and perplexity beside llama.cpp (same model, threads, prompt)")
     _add_model(p)
     p.add_argument("--vs", default="llama.cpp", choices=["llama.cpp", "none"], help="comparison engine")
@@ -188,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info": commands.info, "tokenize": commands.tokenize, "generate": commands.generate,
         "chat": commands.chat, "eval": commands.eval_ppl, "export": commands.export,
         "bench": commands.bench, "compress": commands.compress, "profile": commands.profile,
-        "serve-cloud": _serve_cloud,
+        "serve-cloud": _serve_cloud, "kernels": commands.kernels,
     }[args.command]
     try:
         return handler(args) or 0
