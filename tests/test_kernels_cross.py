@@ -2,8 +2,12 @@
 dotprod), cross-compiled and run under qemu-user against the same oracles as on x86: gguf-py's
 dequantization (bit-exact) and the numpy int8-activation emulation (relative error < 1e-5).
 
-Needs Debian's g++-aarch64-linux-gnu and qemu-user (`make test` installs them where apt can); skipped
-otherwise. qemu checks the arithmetic, not the speed.
+The NEON paths run the same float operations in the same order as the x86 SIMD paths, so their
+products must also equal this machine's library bit for bit. The whole custom-op library (ONNX Runtime
+glue included) is cross-compiled too, with the flags edgellm builds with.
+
+Needs Debian's g++-aarch64-linux-gnu and qemu-user (`make test` installs them when run as root where apt
+can); skipped otherwise. qemu checks the arithmetic, not the speed.
 """
 
 from __future__ import annotations
@@ -26,13 +30,24 @@ DRIVER = Path(__file__).with_name("native") / "block_matmul_driver.cpp"
 ARCHES = {"armv8-a": "neon", "armv8.2-a+dotprod": "neon-dotprod"}
 
 
+def _compile(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module", params=sorted(ARCHES))
 def driver(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("aarch64") / f"driver-{request.param}"
-    subprocess.run([CXX, "-O2", f"-march={request.param}", "-std=c++17", "-static", "-ffp-contract=off",
-                    f"-I{KERNELS}", "-o", str(out), str(DRIVER), str(KERNELS / "block_matmul.cpp")],
-                   check=True, capture_output=True)
+    root = tmp_path_factory.mktemp("aarch64")
+    flags = [f for f in ort_kernels._flags(request.param) if f not in ("-shared", "-fPIC", "-fvisibility=hidden")]
+    out = root / f"driver-{request.param}"
+    _compile([CXX, *flags, "-static", f"-I{KERNELS}", "-o", str(out), str(DRIVER), str(KERNELS / "block_matmul.cpp")])
     return out, ARCHES[request.param]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+def test_the_whole_library_cross_compiles(arch, tmp_path):
+    _compile([CXX, *ort_kernels._flags(arch), "-o", str(tmp_path / "lib.so"),
+              *(str(KERNELS / s) for s in ort_kernels.SOURCES)])
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
@@ -56,3 +71,6 @@ def test_arm_paths_match_the_oracles(driver, fmt, m, n, tmp_path):
     np.testing.assert_array_equal(deq, w.astype(np.float32))
     ref = emulated(x, w)
     assert np.abs(y - ref).max() <= EMULATION_RTOL * np.abs(ref).max()
+    host = ort_kernels.build()
+    if host.isa in ("avx512-vnni", "avx2"):  # the same operations in the same order
+        np.testing.assert_array_equal(y, ort_kernels.block_matmul(x, interleave_x8(blocks, fmt), fmt, n, host))

@@ -107,6 +107,10 @@ def test_zero_negative_and_subnormal_scales_read_back_exactly(fmt, library):
             view[i, 1, 2:4] = np.frombuffer(np.uint16(bits ^ 0x8000).tobytes(), np.uint8)
     got = ort_kernels.dequantize(interleave_x8(blocks, fmt), fmt, n, k, library)
     np.testing.assert_array_equal(got, gguf_float(blocks, fmt).astype(np.float32))
+    x = np.random.default_rng(5).standard_normal((3, k)).astype(np.float32)  # and through the product's
+    y = ort_kernels.block_matmul(x, interleave_x8(blocks, fmt), fmt, n, library)  # vector conversions
+    ref = emulated(x, gguf_float(blocks, fmt))
+    assert np.abs(y - ref).max() <= EMULATION_RTOL * np.abs(ref).max()
 
 
 def test_isa_paths_agree():
@@ -144,8 +148,8 @@ def test_onnx_runtime_op_equals_the_library_call(fmt, threads):
     n, k = 203, 192
     blocks = gguf_blocks(fmt, n, k, seed=7)
     x8 = interleave_x8(blocks, fmt)
+    ort_kernels.set_threads(threads)  # before the session: its kernels copy the task count when created
     sess = matmul_session(x8, fmt, n, k, threads)
-    ort_kernels.set_threads(threads)
     for rows in (1, 7, 17, 33):  # 17, 33: activation rows quantized in parallel tasks of 8
         x = np.random.default_rng(rows).standard_normal((1, rows, k)).astype(np.float32)
         (y,) = sess.run(None, {"x": x})

@@ -136,6 +136,9 @@ def test_export_linears_groups_fused_layers():
     layers["blk.0.attn_k"] = "fp32 from Q4_1"
     with pytest.raises(ConfigError, match="blk.0.attn_qkv: parts .* different formats"):
         export_linears(cfg, layers)
+    layers["blk.0.attn_k"] = "Q4_1 transcode · edgellm BlockMatMul"  # the default export: not in the table
+    with pytest.raises(ConfigError, match="BlockMatMul, which the cost table has not timed"):
+        export_linears(cfg, layers)
 
 
 # ---- profiling ------------------------------------------------------------------------------------------

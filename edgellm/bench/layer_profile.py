@@ -304,13 +304,13 @@ def measure_overhead(table: CostTable, threads: int, n_prompt: int = 64, n_decod
     decoded on the ONNX Runtime backend: `n_prompt` tokens prefilled, then the median of `n_decode`
     single-token forwards.
     """
-    from edgellm.export.onnx_export import export_onnx
-    from edgellm.export.onnx_graph import LoweringOptions
+    from edgellm.compress.plan import CompressionPlan
+    from edgellm.export.onnx_export import export_onnx, lowering_for
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
     with tempfile.TemporaryDirectory(prefix="edgellm-profile-") as tmp:
-        stock = LoweringOptions(block_kernel="matmulnbits")  # plan: lossless transcode
+        stock = lowering_for(CompressionPlan(), "matmulnbits")  # plan: lossless transcode
         export = load_model(export_onnx(load_model(model), Path(tmp) / "export", options=stock))
         formats, shapes = export_linears(export.config, export.metadata["artifact"]["layers"])
         session = create_backend("onnxruntime", export, threads=threads).open_session(max_tokens=n_prompt + n_decode)

@@ -224,11 +224,12 @@ def _format_counts(description, plan: CompressionPlan) -> dict[str, int]:
 def _onnx_measurements(description, plan: CompressionPlan, ctx: Context) -> dict:
     from edgellm.compress.target import export_linears, load_target
     from edgellm.errors import ConfigError
-    from edgellm.export.onnx_export import export_onnx
+    from edgellm.export.onnx_export import export_onnx, lowering_for
     from edgellm.model.loader import load_model
     from edgellm.runtime.registry import create_backend
 
-    art = export_onnx(description, _export_dir(ctx), plan, overwrite=True)
+    # stock ops: the lowering the cost table timed, so predicted and measured speak of the same graph
+    art = export_onnx(description, _export_dir(ctx), plan, overwrite=True, options=lowering_for(plan, "matmulnbits"))
     out = {"engine": "onnxruntime", "export_mb": sum(p.stat().st_size for p in art.iterdir()) / 1e6,
            "export_dir": str(art)}
     out["ppl_engine"] = _ppl(create_backend("onnxruntime", load_model(art), threads=ctx.threads), ctx)

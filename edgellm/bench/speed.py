@@ -80,6 +80,12 @@ def machine_tag() -> dict:
                                         cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = "unknown"
+    from edgellm.runtime import ort_kernels
+
+    try:  # which path edgellm's BlockMatMul took on this CPU (avx512-vnni, avx2, neon, ...)
+        info["edgellm_kernel_isa"] = ort_kernels.build().isa
+    except ort_kernels.KernelBuildError:
+        info["edgellm_kernel_isa"] = None
     return info
 
 

@@ -239,14 +239,12 @@ def eval_ppl(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from edgellm.export.onnx_export import export_onnx
-    from edgellm.export.onnx_graph import LoweringOptions
+    from edgellm.export.onnx_export import export_onnx, lowering_for
 
     model = _load(args)
     plan = _plan(args, model)
-    options = LoweringOptions(accuracy_level=plan.accuracy_level, lm_head_accuracy_level=plan.lm_head_accuracy_level,
-                              block_kernel=args.kernel)
-    out = export_onnx(model, args.output, plan, overwrite=args.force, progress=True, options=options)
+    out = export_onnx(model, args.output, plan, overwrite=args.force, progress=True,
+                      options=lowering_for(plan, args.kernel))
     manifest = json.loads((out / "manifest.json").read_text())
     size = sum(f["bytes"] for f in manifest["files"].values()) / 2**20
     print(f"wrote {out} ({size:.1f} MB, plan {plan.name}, opset {manifest['opset']})")
@@ -418,7 +416,7 @@ def _hardware_in_the_loop(state, recipe, args) -> None:
 
     from edgellm.bench.decode_probe import decode_ms_per_token
     from edgellm.compress.pipeline import run_recipe
-    from edgellm.export.onnx_export import export_onnx
+    from edgellm.export.onnx_export import export_onnx, lowering_for
 
     if args.budget_ms_per_token is None or getattr(state, "target", None) is None:
         raise ConfigError("--hardware-in-the-loop needs --target and --budget-ms-per-token")
@@ -429,7 +427,9 @@ def _hardware_in_the_loop(state, recipe, args) -> None:
         table_ms = (state.report["allocate"]["linear_us"] + fixed_us) / 1e3
         corrected_ms = table_ms * (statistics.median(scales) if scales else 1.0)
         with tempfile.TemporaryDirectory(prefix="edgellm-hil-") as tmp:
-            art = export_onnx(state.model, Path(tmp) / "onnx", state.plan)
+            # stock ops: the lowering the target's cost table timed (it has no BlockMatMul entries yet)
+            art = export_onnx(state.model, Path(tmp) / "onnx", state.plan,
+                              options=lowering_for(state.plan, "matmulnbits"))
             measured = decode_ms_per_token(art, threads=state.target.threads, rounds=5)
         scales.append(measured / table_ms)
         history.append({"round": round_ + 1, "predicted_ms": corrected_ms, "table_predicted_ms": table_ms,

@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("kernels", help="build (if needed) and describe edgellm's ONNX Runtime kernels for this CPU",
                        description="Compiles edgellm's BlockMatMul/BlockGather library for this machine now (it is "
                                    "otherwise built at the first load of an export that uses it) and prints its ISA "
-                                   "path and cache location; e.g. to prepare an offline board or a container image.")
+                                   "path and cache location, e.g. to prepare an offline board. The cache is per CPU "
+                                   "(flags) and compiler: an image built elsewhere rebuilds at first use (needs g++).")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("bench", help="speed, memory and perplexity beside llama.cpp (same model, threads, prompt)")

@@ -78,7 +78,9 @@ class CompressionPlan:
     default: str = "auto"
     overrides: dict[str, str] = field(default_factory=dict)
     lm_head: str = "auto"
-    accuracy_level: int = 4  # ONNX Runtime MatMulNBits: 0 exact fp32 activations, 4 int8 activations
+    # 0: exact fp32 activations (stock MatMulNBits); 4: int8 activations (edgellm's BlockMatMul on GGUF
+    # blocks, MatMulNBits for other formats)
+    accuracy_level: int = 4
     lm_head_accuracy_level: int = 4
     name: str = "lossless-transcode"
 

@@ -304,7 +304,8 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
 
 FUSED_PARTS = UNIT_ROLES
 
-# an export manifest's layer description (onnx_export.prepare_weight) -> the cost format whose graph it has.
+# an export manifest's layer description (onnx_export.prepare_weight) -> the cost format whose graph it has
+# in the stock-op lowering (`--kernel matmulnbits`), the one the cost tables time.
 # Q4_1 transcodes carry block offsets like int4 RTN asymmetric, so they run the same graph and cost the same.
 _DESCRIPTION_FORMATS = (
     ("Q4_1 transcode", "int4"), ("Q4_0 transcode", "int4-sym"), ("Q8_0 transcode", "int8"),
@@ -315,6 +316,9 @@ _DESCRIPTION_FORMATS = (
 
 def cost_format(description: str) -> str:
     """Cost format of one exported layer, from the manifest's description (e.g. "Q4_1 transcode")."""
+    if "edgellm BlockMatMul" in description:  # ~1.9x faster than the stock graph the table timed
+        raise ConfigError(f"layer storage {description!r} runs edgellm's BlockMatMul, which the cost table "
+                          f"has not timed; export with --kernel matmulnbits to compare with the table")
     for prefix, fmt in _DESCRIPTION_FORMATS:
         if description.startswith(prefix):
             return fmt

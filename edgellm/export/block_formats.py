@@ -1,4 +1,5 @@
-"""Weights in ONNX Runtime's block-quantized layout (MatMulNBits), transcoded from GGUF blocks.
+"""Weights in ONNX Runtime's block-quantized layout (MatMulNBits), transcoded from GGUF blocks, and
+the GGUF blocks themselves for edgellm's own BlockMatMul (`gguf`, reordered by `interleave_x8`).
 
 MatMulNBits computes with w = scale * (q - zero_point) per block of `block_size` along K, q unsigned
 `bits`-bit integers packed low bits first. GGUF's types map onto it as follows:
@@ -27,7 +28,7 @@ GGUF_BLOCK = 32
 
 @dataclass
 class BlockQuantized:
-    """One linear layer's weights (N outputs x K inputs) in MatMulNBits form."""
+    """One linear layer's weights (N outputs x K inputs) in MatMulNBits form (+ its GGUF blocks if any)."""
 
     n: int
     k: int

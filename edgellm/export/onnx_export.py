@@ -95,6 +95,12 @@ def lower(description: ModelDescription, plan: CompressionPlan, options: Lowerin
     return model, layers
 
 
+def lowering_for(plan: CompressionPlan, block_kernel: str = "edgellm") -> LoweringOptions:
+    """The graph lowering of a plan: its accuracy levels, and which kernels take GGUF blocks."""
+    return LoweringOptions(accuracy_level=plan.accuracy_level, lm_head_accuracy_level=plan.lm_head_accuracy_level,
+                           block_kernel=block_kernel)
+
+
 def export_onnx(description: ModelDescription, out_dir: str | Path, plan: CompressionPlan | None = None,
                 overwrite: bool = False, progress: bool = False, options: LoweringOptions | None = None) -> Path:
     """Write the artifact directory atomically and return its path.

@@ -193,7 +193,6 @@ class OrtBackend(Backend):
         # A memory pattern is one extra buffer per input shape seen (every prefill length): 4 MB on the
         # bench's peak RSS; decode speed the same without it (process-isolated A/B: 112.0 vs 111.6 tok/s).
         opts.enable_mem_pattern = False
-        self._register_kernels(opts)
         if profile_dir:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
@@ -205,8 +204,10 @@ class OrtBackend(Backend):
             creating = self.weights.dropping_pages()  # packed weights leave the mapping as ORT packs them
         else:
             creating = contextlib.nullcontext()
+        # the kernels' task count is read when the session creates them: one registration+creation at a time
+        registering = self._register_kernels(opts)
         try:
-            with creating:
+            with registering, creating:
                 session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             where = self.directory if isinstance(path, bytes) else path
@@ -216,8 +217,9 @@ class OrtBackend(Backend):
         session._edgellm_weights = self.weights
         return session
 
-    def _register_kernels(self, opts: Any) -> None:
-        """edgellm's own ops (BlockMatMul, BlockGather) for exports that use them, built on first use."""
+    def _register_kernels(self, opts: Any) -> contextlib.AbstractContextManager:
+        """edgellm's own ops (BlockMatMul, BlockGather) for exports that use them, built on first use;
+        returns what must be held until the session exists (the kernels copy the thread count then)."""
         domains = self.manifest["graph"].get("custom_domains", [])
         if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
             raise ModelFormatError(f"{self.directory}: manifest graph.custom_domains must be a list of names")
@@ -225,8 +227,18 @@ class OrtBackend(Backend):
         if unknown:
             raise ModelFormatError(f"{self.directory}: the graph uses op domains {sorted(unknown)} that this "
                                    f"edgellm has no kernels for")
-        if domains:
+        if not domains:
+            return contextlib.nullcontext()
+        lock = ort_kernels.REGISTRATION
+        lock.acquire()
+        try:
             ort_kernels.register(opts, self.threads)
+        except BaseException:
+            lock.release()
+            raise
+        releasing = contextlib.ExitStack()
+        releasing.callback(lock.release)
+        return releasing
 
     @classmethod
     def from_model(cls, description: ModelDescription, threads: int | None = None, **options: Any) -> OrtBackend:

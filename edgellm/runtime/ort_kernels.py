@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -130,9 +131,18 @@ def compile_library(out: Path, cxx: str, march: str = "native") -> None:
             os.unlink(tmp)
 
 
+# Held from register() until the session exists: its kernels copy the thread count when they are created.
+REGISTRATION = threading.RLock()
+
+
 def register(opts, threads: int | None = None) -> None:
     """Make a SessionOptions able to run graphs with com.edgellm ops (building the library if needed)."""
-    opts.register_custom_ops_library(str(build().path))
+    library = build()
+    try:
+        opts.register_custom_ops_library(str(library.path))
+    except Exception as exc:  # ONNX Runtime's own error types: a foreign or damaged library
+        raise KernelBuildError(f"ONNX Runtime refused edgellm's kernel library {library.path}: "
+                               f"{str(exc).splitlines()[0]}") from None
     set_threads(threads or opts.intra_op_num_threads or os.cpu_count() or 1)
 
 

@@ -1,7 +1,9 @@
 """An export's weights lent to ONNX Runtime from edgellm's own memory, so that they stay out of the RSS.
 
-Why: ONNX Runtime repacks every MatMulNBits and Gemm weight into its own layout when a session is
-created, so the file's bytes matter only while they are packed. Left to ONNX Runtime, a packed original
+Why: in the stock-op lowering (`--kernel matmulnbits`) ONNX Runtime repacks every MatMulNBits and
+Gemm weight into its own layout when a session is created, so the file's bytes matter only while they
+are packed. (The default export's BlockMatMul/BlockGather read the lent blocks in place at run time:
+there the mapping simply is the resident copy, as llama.cpp's mmap is.) Left to ONNX Runtime, a packed original
 stays resident until creation ends (the lm_head's 28 MB on top of everything packed: the peak), and
 each page it touches later stays resident for good: the embedding rows of the prompt, each of which
 maps a whole page-cache folio (up to 2 MB on a large-folio file system), ~25 MB after 128 tokens.

@@ -15,7 +15,8 @@
 // sign(x, w) negate them on the AVX2 path.
 //
 // The ISA paths (AVX-512 VNNI on 256-bit registers, AVX2, Arm NEON with or without dotprod, plain C)
-// compute the same integer dot products; only the float accumulation order differs. Built at first use
+// compute the same integer dot products; the SIMD paths also the same float operations in the same
+// order (bit-identical results), the plain C path rounds its products differently. Built at first use
 // with -march=native.
 #include "block_matmul.h"
 
