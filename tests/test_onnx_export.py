@@ -201,6 +201,21 @@ def test_block_kernel_decode_steps_match_the_full_forward(exports, alice_ids):
     assert (stepped[25:].argmax(-1) == full[25:].argmax(-1)).mean() >= 0.8
 
 
+def test_compressed_int4_plan_runs_on_the_block_kernel(model, alice_ids, tmp_path):
+    """An int4 RTN plan at int8 activations: every linear's blocks are Q4_1 exactly, so the default
+    export runs them on BlockMatMul; it agrees with the reference on the same weights like llama.cpp does."""
+    plan = CompressionPlan(default="int4", name="int4-fast")
+    path = export_onnx(model, tmp_path / "int4", plan)
+    layers = json.loads((path / "manifest.json").read_text())["layers"]
+    assert all(fmt == "int4 RTN asymmetric from Q4_1 · edgellm BlockMatMul"
+               for name, fmt in layers.items() if name.startswith("blk."))
+    ids = np.asarray(alice_ids[:256])
+    ours = ort_backend(path).open_session(max_tokens=256).forward(ids, all_logits=True)
+    ref = create_backend("reference", effective_description(model, plan)).open_session(max_tokens=256).forward(
+        ids, all_logits=True)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.93
+
+
 def test_exact_plan_stays_in_stock_onnx_runtime_ops(exports):
     manifest = json.loads((exports["exact"][0] / "manifest.json").read_text())
     assert manifest["graph"]["custom_domains"] == []

@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgellm.errors import ConfigError
-from edgellm.export.block_formats import interleave_x8
+from edgellm.export.block_formats import interleave_x8, quantize_rtn, with_gguf_blocks
 from edgellm.runtime import ort_kernels
 from tests.block_oracles import EMULATION_RTOL, emulated, gguf_blocks, gguf_float
 
@@ -216,3 +216,25 @@ def test_cli_kernels_reports_the_library_it_built(tmp_path):
     data = json.loads(proc.stdout)
     assert data["isa"] == ort_kernels.build().isa
     assert Path(data["library"]).is_file() and Path(data["library"]).is_relative_to(tmp_path)
+
+
+@pytest.mark.parametrize("bits, symmetric, gguf_type", [(4, False, "Q4_1"), (4, True, "Q4_0"), (8, True, "Q8_0")])
+def test_compressed_blocks_become_exact_gguf_blocks(bits, symmetric, gguf_type):
+    """RTN (and GPTQ: the same grid rule) blocks of 32 with fp16 scales are a GGUF type exactly: gguf-py's
+    dequantization of the attached blocks equals the MatMulNBits form's."""
+    w = np.random.default_rng(bits).standard_normal((24, 96)).astype(np.float32) * 0.05
+    bq = with_gguf_blocks(quantize_rtn(w, bits, symmetric=symmetric))
+    assert bq.gguf_type == gguf_type
+    np.testing.assert_array_equal(gguf_float(bq.gguf, gguf_type).astype(np.float32), bq.dequantize())
+
+
+@pytest.mark.parametrize("case", ["2-bit", "8-bit asymmetric", "groups of 64", "scale not fp16"])
+def test_other_blocks_keep_matmulnbits(case):
+    w = np.random.default_rng(0).standard_normal((16, 128)).astype(np.float32)
+    bq = {"2-bit": lambda: quantize_rtn(w, 2, symmetric=False),
+          "8-bit asymmetric": lambda: quantize_rtn(w, 8, symmetric=False),
+          "groups of 64": lambda: quantize_rtn(w, 4, block_size=64)}.get(case, lambda: None)()
+    if case == "scale not fp16":
+        bq = quantize_rtn(w, 4, symmetric=True)
+        bq.scales = bq.scales * np.float32(1.0001)
+    assert with_gguf_blocks(bq).gguf is None

@@ -16,6 +16,7 @@ rank-(K/32) correction keeps both: the weights the graph multiplies by are d*q +
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,3 +222,39 @@ def interleave_x8(blocks: np.ndarray, gguf_type: str) -> np.ndarray:
     fields = [g[..., 2 * f:2 * f + 2].reshape(groups, nb, 16) for f in range(_SCALE_FIELDS[gguf_type])]
     codes = g[..., head:].reshape(groups, nb, 8 * (bpb - head))
     return np.ascontiguousarray(np.concatenate(fields + [codes], axis=-1).reshape(groups, nb * 8 * bpb))
+
+
+def _f16_exact(x: np.ndarray) -> np.ndarray | None:
+    """x as fp16 if every value is one exactly, else None."""
+    h = np.asarray(x, dtype=np.float32).astype(np.float16)
+    return h if np.array_equal(h.astype(np.float32), x) else None
+
+
+def with_gguf_blocks(bq: BlockQuantized) -> BlockQuantized:
+    """`bq` with its GGUF blocks attached when its weights are exactly a GGUF type (so edgellm's
+    BlockMatMul can run them): blocks of 32 with fp16 scales, 4-bit with zero point 8 (Q4_0; Q4_1 when
+    the fp32 offsets are m + 8d for an fp16 minimum m, as RTN and GPTQ make them) or symmetric 8-bit with
+    zero point 128 (Q8_0). Anything else comes back unchanged and keeps MatMulNBits."""
+    if bq.gguf is not None or bq.block_size != GGUF_BLOCK or (bq.bits, bq.zero_point) not in ((4, 8), (8, 128)):
+        return bq
+    d = _f16_exact(bq.scales)
+    if d is None:
+        return bq
+    n, nb = bq.n, bq.k // GGUF_BLOCK
+    q = unpack(bq.packed.reshape(n, nb, -1), bq.bits).reshape(n, nb, GGUF_BLOCK)
+    fields = [d.reshape(n, nb, 1).view(np.uint8)]
+    if bq.bits == 8:
+        if bq.block_offsets is not None:
+            return bq
+        gguf_type, codes = "Q8_0", (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    else:
+        gguf_type = "Q4_0"
+        if bq.block_offsets is not None:
+            m = _f16_exact(bq.block_offsets.T - np.float32(8) * bq.scales)
+            if m is None or not np.array_equal(m.astype(np.float32) + np.float32(8) * bq.scales, bq.block_offsets.T):
+                return bq
+            gguf_type = "Q4_1"
+            fields.append(m.reshape(n, nb, 1).view(np.uint8))
+        codes = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)  # GGUF: element j low, j + 16 high nibble
+    blocks = np.concatenate([*fields, codes], axis=-1).reshape(n, -1)
+    return dataclasses.replace(bq, gguf=np.ascontiguousarray(blocks), gguf_type=gguf_type)

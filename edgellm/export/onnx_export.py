@@ -20,7 +20,7 @@ import numpy as np
 from edgellm import __version__
 from edgellm.compress.plan import RTN_FORMATS, CompressionPlan
 from edgellm.errors import ConfigError
-from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn
+from edgellm.export.block_formats import LOSSLESS_TRANSCODERS, BlockQuantized, quantize_rtn, with_gguf_blocks
 from edgellm.export.onnx_builder import MS_DOMAIN
 from edgellm.export.onnx_data import initializer_table, save_model_with_data, token_row_tables
 from edgellm.export.onnx_graph import OPSET, LoweringOptions, Weight, build_llama_graph, uses_block_kernel
@@ -54,6 +54,10 @@ def prepare_weight(tensor: WeightTensor, fmt: str) -> tuple[Weight, str]:
     return bq, f"{bq.source} from {tensor.qtype}"
 
 
+def _with_blocks(weight: Weight) -> Weight:
+    return with_gguf_blocks(weight) if isinstance(weight, BlockQuantized) else weight
+
+
 def lower(description: ModelDescription, plan: CompressionPlan, options: LoweringOptions, progress: bool = False):
     """Build the ONNX model in memory; returns (onnx model, per-layer format table)."""
     cfg, w = description.config, description.weights
@@ -85,6 +89,11 @@ def lower(description: ModelDescription, plan: CompressionPlan, options: Lowerin
     else:
         embed = embed_tensor.to_float()
         layers["token_embd"] = f"fp32 from {embed_tensor.qtype}"
+    if options.block_kernel == "edgellm":  # compressed blocks that are exactly a GGUF type run BlockMatMul too
+        linears = {name: _with_blocks(weight) for name, weight in linears.items()}
+        tied = embed is lm_head
+        lm_head = _with_blocks(lm_head)
+        embed = lm_head if tied else _with_blocks(embed)
     model = build_llama_graph(cfg, norms, linears, embed, lm_head, inverse_frequencies(description), options)
     for name, weight in [*linears.items(), ("lm_head", lm_head)]:
         level = options.lm_head_accuracy_level if name == "lm_head" else options.accuracy_level
