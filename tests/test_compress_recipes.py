@@ -79,7 +79,7 @@ def test_compress_then_export_then_eval(tmp_path):
     exported = json.loads((out / "manifest.json").read_text())
     assert exported["plan"]["name"] == "rtn-int4"
     assert set(exported["layers"][k] for k in exported["layers"] if k.startswith("blk.")) == {
-        "int4 RTN asymmetric from Q4_1"}
+        "int4 RTN asymmetric from Q4_1 · edgellm BlockMatMul"}  # RTN blocks of 32 are exactly Q4_1
     ort = json.loads(edgellm("eval", "ppl", str(out), "--max-tokens", "256", "--window", "128", "--json").stdout)
     assert abs(ort["ppl"] / ref["ppl"] - 1) < 0.02  # int8 activations vs exact: within 2 %
 
@@ -178,7 +178,7 @@ def test_gptq_pass_writes_blocks_that_export_and_reload_keep(tmp_path):
     out = tmp_path / "onnx"
     edgellm("export", "onnx", str(comp), "-o", str(out))
     layers = json.loads((out / "manifest.json").read_text())["layers"]
-    assert layers["blk.1.ffn_down"] == "int4 gptq"
+    assert layers["blk.1.ffn_down"] == "int4 gptq · edgellm BlockMatMul"  # GPTQ blocks of 32 are exactly Q4_1
     # damaged weights file: a clear error, not a traceback
     (comp / "weights.npz").write_bytes(b"broken")
     proc = edgellm("info", str(comp), check=False)
