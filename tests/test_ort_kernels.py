@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgellm.errors import ConfigError
-from edgellm.export.block_formats import interleave_x8, quantize_rtn, with_gguf_blocks
+from edgellm.export.block_formats import GGUF_BLOCK_BYTES, interleave_x8, quantize_rtn, with_gguf_blocks
 from edgellm.runtime import ort_kernels
 from tests.block_oracles import EMULATION_RTOL, emulated, gguf_blocks, gguf_float
 
@@ -99,7 +99,7 @@ def test_zero_negative_and_subnormal_scales_read_back_exactly(fmt, library):
     them itself)."""
     n, k = 8, 128
     blocks = gguf_blocks(fmt, n, k).copy()
-    bpb = ort_kernels.BLOCK_BYTES[fmt]
+    bpb = GGUF_BLOCK_BYTES[fmt]
     view = blocks.reshape(n, k // 32, bpb)
     for i, bits in enumerate((0x0000, 0x8001, 0x03FF, 0xBC00, 0x0001, 0x8000, 0x7BFF, 0x3555)):
         view[i, 0, 0:2] = np.frombuffer(np.uint16(bits).tobytes(), np.uint8)
@@ -131,7 +131,7 @@ def session(nodes, inputs, outputs, inits, threads=2):
     onnx.checker.check_model(model)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.register_custom_ops_library(str(ort_kernels.build().path))
+    ort_kernels.register(opts, threads)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

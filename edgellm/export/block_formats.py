@@ -25,6 +25,7 @@ from edgellm.errors import ConfigError, UnsupportedTensorTypeError
 from edgellm.model.weights import WeightTensor
 
 GGUF_BLOCK = 32
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per block of 32: f16 d (, f16 m), the codes
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _gguf_nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 def from_q4_0(tensor: WeightTensor) -> BlockQuantized:
-    b = _blocks(tensor, 18)
+    b = _blocks(tensor, GGUF_BLOCK_BYTES["Q4_0"])
     q = _gguf_nibbles(b[..., 2:])
     n, k = tensor.shape
     return BlockQuantized(n, k, 4, GGUF_BLOCK, pack(q, 4), _f16(b, 0), 8, source="Q4_0 transcode",
@@ -128,7 +129,7 @@ def from_q4_0(tensor: WeightTensor) -> BlockQuantized:
 
 
 def from_q4_1(tensor: WeightTensor) -> BlockQuantized:
-    b = _blocks(tensor, 20)
+    b = _blocks(tensor, GGUF_BLOCK_BYTES["Q4_1"])
     d, m = _f16(b, 0), _f16(b, 2)
     q = _gguf_nibbles(b[..., 4:])
     n, k = tensor.shape
@@ -138,7 +139,7 @@ def from_q4_1(tensor: WeightTensor) -> BlockQuantized:
 
 
 def from_q8_0(tensor: WeightTensor) -> BlockQuantized:
-    b = _blocks(tensor, 34)
+    b = _blocks(tensor, GGUF_BLOCK_BYTES["Q8_0"])
     q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
     n, k = tensor.shape
     return BlockQuantized(n, k, 8, GGUF_BLOCK, q, _f16(b, 0), 128, source="Q8_0 transcode",
@@ -198,7 +199,6 @@ def quantize_format(weights: np.ndarray, fmt: str) -> BlockQuantized:
     return quantize_rtn(weights, spec.bits, spec.group, symmetric=spec.symmetric)
 
 
-GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 _SCALE_FIELDS = {"Q4_0": 1, "Q4_1": 2, "Q8_0": 1}  # f16 fields before the codes: d (, m)
 
 

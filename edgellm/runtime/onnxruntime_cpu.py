@@ -204,22 +204,22 @@ class OrtBackend(Backend):
             creating = self.weights.dropping_pages()  # packed weights leave the mapping as ORT packs them
         else:
             creating = contextlib.nullcontext()
-        # the kernels' task count is read when the session creates them: one registration+creation at a time
-        registering = self._register_kernels(opts)
-        try:
-            with registering, creating:
-                session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            where = self.directory if isinstance(path, bytes) else path
-            raise ModelFormatError(f"{where}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
+        with self._kernels(opts):  # edgellm's ops, registered until the session has created its kernels
+            try:
+                with creating:
+                    session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+                where = self.directory if isinstance(path, bytes) else path
+                raise ModelFormatError(f"{where}: ONNX Runtime cannot load the graph "
+                                       f"({str(exc).splitlines()[0]})") from None
         # ORT reads lent arrays in place: they must live as long as it. (Run directly, without OrtSession,
         # it would gather zeros for tokens whose embedding rows ensure_rows has not read in yet.)
         session._edgellm_weights = self.weights
         return session
 
-    def _register_kernels(self, opts: Any) -> contextlib.AbstractContextManager:
-        """edgellm's own ops (BlockMatMul, BlockGather) for exports that use them, built on first use;
-        returns what must be held until the session exists (the kernels copy the thread count then)."""
+    def _kernels(self, opts: Any) -> contextlib.AbstractContextManager:
+        """Registers edgellm's own ops (BlockMatMul, BlockGather) for exports that use them, built on first
+        use, while the returned context is held (the session's kernels copy the thread count)."""
         domains = self.manifest["graph"].get("custom_domains", [])
         if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
             raise ModelFormatError(f"{self.directory}: manifest graph.custom_domains must be a list of names")
@@ -227,18 +227,7 @@ class OrtBackend(Backend):
         if unknown:
             raise ModelFormatError(f"{self.directory}: the graph uses op domains {sorted(unknown)} that this "
                                    f"edgellm has no kernels for")
-        if not domains:
-            return contextlib.nullcontext()
-        lock = ort_kernels.REGISTRATION
-        lock.acquire()
-        try:
-            ort_kernels.register(opts, self.threads)
-        except BaseException:
-            lock.release()
-            raise
-        releasing = contextlib.ExitStack()
-        releasing.callback(lock.release)
-        return releasing
+        return ort_kernels.registered(opts, self.threads) if domains else contextlib.nullcontext()
 
     @classmethod
     def from_model(cls, description: ModelDescription, threads: int | None = None, **options: Any) -> OrtBackend:

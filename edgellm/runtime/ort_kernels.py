@@ -22,21 +22,22 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from edgellm.errors import ConfigError
+from edgellm.export.block_formats import GGUF_BLOCK_BYTES
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "com.edgellm"
 SOURCES = ("block_matmul.cpp", "ort_block_matmul.cpp")
 HEADERS = ("block_matmul.h", "ort_abi.h")
-FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # the kernels' BlockFormat codes
 _KERNEL_DIR = Path(__file__).with_name("kernels")
 
 
@@ -48,6 +49,7 @@ class KernelBuildError(ConfigError):
 class KernelLibrary:
     path: Path
     isa: str  # "avx512-vnni", "avx2", "neon-dotprod", "neon" or "scalar"
+    handle: ctypes.CDLL = field(repr=False, compare=False)  # the loaded library (ONNX Runtime shares it)
 
 
 def _cpu_key() -> str:
@@ -92,7 +94,7 @@ def build(march: str = "native") -> KernelLibrary:
         raise KernelBuildError(f"cannot load edgellm's kernel library {out}: {exc} (delete it to rebuild, "
                                f"or set EDGELLM_CACHE to a directory of your own)") from None
     lib.edgellm_kernel_isa.restype = ctypes.c_char_p
-    built = KernelLibrary(out, lib.edgellm_kernel_isa().decode())
+    built = KernelLibrary(out, lib.edgellm_kernel_isa().decode(), lib)
     if built.isa == "scalar" and march == "native":
         log.warning("edgellm's BlockMatMul has no SIMD path for this CPU (plain C, slow); export with "
                     "--kernel matmulnbits to use ONNX Runtime's own kernels here")
@@ -131,8 +133,16 @@ def compile_library(out: Path, cxx: str, march: str = "native") -> None:
             os.unlink(tmp)
 
 
-# Held from register() until the session exists: its kernels copy the thread count when they are created.
+# Held from registration until the session exists: its kernels copy the thread count when they are created.
 REGISTRATION = threading.RLock()
+
+
+@contextmanager
+def registered(opts, threads: int | None = None):
+    """register(), holding the process-wide thread setting until the block (creating the session) ends."""
+    with REGISTRATION:
+        register(opts, threads)
+        yield
 
 
 def register(opts, threads: int | None = None) -> None:
@@ -154,13 +164,13 @@ def set_threads(threads: int) -> None:
 def _check(blocks: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
     if fmt not in FORMATS:
         raise ConfigError(f"block format {fmt!r} unknown; valid: {', '.join(FORMATS)}")
-    if k <= 0 or k % 32 or blocks.shape != (-(-n // 8), k // 32 * 8 * BLOCK_BYTES[fmt]):
+    if k <= 0 or k % 32 or blocks.shape != (-(-n // 8), k // 32 * 8 * GGUF_BLOCK_BYTES[fmt]):
         raise ConfigError(f"{fmt} x8 blocks of shape {blocks.shape} do not hold {n} rows of K={k}")
     return np.ascontiguousarray(blocks, dtype=np.uint8)
 
 
 def _lib(library: KernelLibrary | None = None) -> ctypes.CDLL:
-    return ctypes.CDLL(str((library or build()).path))
+    return (library or build()).handle
 
 
 def block_matmul(x: np.ndarray, blocks: np.ndarray, fmt: str, n: int,
