@@ -265,6 +265,14 @@ def test_an_op_domain_without_kernels_is_named(copy):
         _ort(copy)
 
 
+def test_custom_domains_of_the_wrong_type_are_named(copy):
+    manifest = _manifest(copy)
+    manifest["graph"]["custom_domains"] = "com.edgellm"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match=r"manifest graph.custom_domains must be a list of names"):
+        _ort(copy)
+
+
 def test_a_machine_without_a_compiler_gets_a_clear_error(copy, monkeypatch):
     from edgellm.runtime import ort_kernels
 
